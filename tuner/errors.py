@@ -1,0 +1,52 @@
+"""The one error tree of `tuner`.
+
+    TunerError                    base: the CLI prints "error: ..." and exits non-zero
+     ├── ConfigError              bad input: a duration, an option, a command template
+     ├── LabError                 a local lab process failed
+     │    ├── MissingProgramError     a program is not installed (names the package)
+     │    ├── ProcessStartError       exited or never became ready (status, stderr tail)
+     │    └── ProxyConfigError        the proxy rejected its configuration (its own message)
+     └── LoadError                load generation failed
+
+Every message says what failed, with the values, and what to do next. Only the CLI
+catches `TunerError`; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+
+class TunerError(Exception):
+    """Base of every error `tuner` raises on purpose."""
+
+    #: process exit status the CLI uses for this kind of error
+    exit_code = 1
+
+
+class ConfigError(TunerError):
+    """Bad input: a value the user gave that cannot be used as given."""
+
+    exit_code = 2
+
+
+class LabError(TunerError):
+    """A process of the local lab failed to start, reload or stop."""
+
+    exit_code = 3
+
+
+class MissingProgramError(LabError):
+    """A program the lab needs is not installed."""
+
+
+class ProcessStartError(LabError):
+    """A lab process exited early or never became ready."""
+
+
+class ProxyConfigError(LabError):
+    """The proxy rejected the configuration the lab rendered for it."""
+
+
+class LoadError(TunerError):
+    """Load generation failed (not a failed request: those are results)."""
+
+    exit_code = 4

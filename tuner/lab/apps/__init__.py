@@ -1,0 +1,1 @@
+"""Tiny upstream applications for the lab, served by real application servers."""

@@ -1,0 +1,87 @@
+"""HAProxy as the lab's reverse proxy.
+
+HAProxy has no per-connection idle timer for server-side connections it keeps for reuse
+(see `render_haproxy_cfg` for the settings that bound them and how it picks one), so the
+knob that plays nginx's `keepalive_timeout` is the server's `pool-purge-delay`.
+
+Design decision: run in master-worker mode (`-W`) and reload with SIGUSR2, as systemd does.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+from tuner.durations import haproxy_time
+from tuner.lab.errorlog import ErrorLog
+from tuner.lab.process import LOOPBACK
+from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
+
+#: The proxy's response timeout toward the upstream; not an idle timeout.
+SERVER_RESPONSE_S = 60.0
+
+
+def render_haproxy_cfg(*, listen_port: int, upstream_port: int, proxy_idle_s: float,
+                       generation: int) -> str:
+    """The whole haproxy.cfg for the lab (pure)."""
+    return f"""# rendered by tuner, generation {generation}
+global
+    # Logs go to the process's stdout, which the lab keeps as this proxy's error log.
+    log stdout format raw local0 info
+    maxconn 4096
+
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client {haproxy_time(CLIENT_IDLE_S)}
+    timeout http-keep-alive {haproxy_time(CLIENT_IDLE_S)}
+    timeout http-request 60s
+    timeout server {haproxy_time(SERVER_RESPONSE_S)}
+
+frontend tuner_front
+    bind {LOOPBACK}:{listen_port}
+    http-request return status 200 content-type text/plain string "generation {generation}" if {{ path {GENERATION_PATH} }}
+    default_backend tuner_upstream
+
+backend tuner_upstream
+    # The defaults, spelled out: reuse idle server connections when safe; retry only
+    # connection failures (a reused connection that dies before the response is not one).
+    http-reuse safe
+    retries 3
+    retry-on conn-failure
+    # Idle server connections have no idle timer; each pool-purge-delay HAProxy closes
+    # those above its estimate of the connections it needs. This is the proxy idle knob.
+    server upstream {LOOPBACK}:{upstream_port} pool-purge-delay {haproxy_time(proxy_idle_s)}
+"""
+
+
+class HaproxyProxy(Proxy):
+    """A running HAProxy master (master-worker mode) in front of one upstream port."""
+
+    name = "haproxy"
+    package = "haproxy"
+    reload_signal = signal.SIGUSR2
+
+    def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int) -> None:
+        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port)
+        self.conf_path = workdir / "haproxy.cfg"
+        # HAProxy cannot log to a file itself; its stdout (the log target) is the file.
+        self.error_log = ErrorLog(workdir / "haproxy.stdout")
+
+    def render(self, proxy_idle_s: float) -> str:
+        return render_haproxy_cfg(listen_port=self.listen_port, upstream_port=self.upstream_port,
+                                  proxy_idle_s=proxy_idle_s, generation=self.generation)
+
+    def check_argv(self) -> list[str]:
+        return [self.binary, "-c", "-q", "-f", str(self.conf_path)]
+
+    def run_argv(self) -> list[str]:
+        return [self.binary, "-W", "-db", "-f", str(self.conf_path)]
+
+    def version(self) -> str:
+        out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)
+        first = out.stdout.splitlines()[0] if out.stdout else ""
+        return first.removeprefix("HAProxy version ").split(" ")[0]

@@ -1,0 +1,106 @@
+"""nginx as the lab's reverse proxy: an `upstream` block whose `keepalive_timeout` is the
+proxy's idle timeout toward the upstream.
+
+Design decision: a changed timeout is applied with a real reload (SIGHUP), as in
+production; see `tuner.lab.proxy` for how the lab knows the reload is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tuner.durations import nginx_time
+from tuner.lab.errorlog import ErrorLog
+from tuner.lab.process import LOOPBACK
+from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
+#: Cached idle connections per worker: above the largest burst the lab sends, so a burst's
+#: connections all stay cached through the idle gap (the condition for the race).
+DEFAULT_KEEPALIVE_CONNS = 128
+_TEMP_MODULES = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def render_nginx_conf(*, workdir: Path, listen_port: int, upstream_port: int,
+                      proxy_idle_s: float, keepalive_conns: int, generation: int,
+                      run_as_root: bool) -> str:
+    """The whole nginx.conf for the lab (pure)."""
+    temp_paths = "\n".join(f"    {module}_temp_path {workdir}/tmp_{module};"
+                           for module in _TEMP_MODULES)
+    # As root, nginx would switch its workers to `nobody`, who cannot reach the lab's private
+    # 0700 directory; the lab is loopback-only and short-lived, so workers stay root.
+    user = "user root root;\n" if run_as_root else ""
+    return f"""# rendered by tuner, generation {generation}
+{user}worker_processes 1;
+daemon off;
+master_process on;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    log_format tuner '$msec $request_method $status "$upstream_status" $request_time';
+    access_log {workdir}/access.log tuner;
+{temp_paths}
+    keepalive_timeout {nginx_time(CLIENT_IDLE_S)};
+    keepalive_requests 100000;
+    upstream tuner_upstream {{
+        server {LOOPBACK}:{upstream_port} max_fails=0;
+        keepalive {keepalive_conns};
+        keepalive_timeout {nginx_time(proxy_idle_s)};
+        keepalive_requests 10000;
+    }}
+    server {{
+        listen {LOOPBACK}:{listen_port};
+        location = {GENERATION_PATH} {{
+            return 200 "generation {generation}\\n";
+        }}
+        location / {{
+            proxy_pass http://tuner_upstream;
+            # Both are needed for upstream keep-alive before nginx 1.29.7.
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+class NginxProxy(Proxy):
+    """A running nginx master in front of one upstream port."""
+
+    name = "nginx"
+    package = "nginx"
+    reload_signal = signal.SIGHUP
+
+    def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int,
+                 keepalive_conns: int = DEFAULT_KEEPALIVE_CONNS) -> None:
+        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port)
+        self.keepalive_conns = keepalive_conns
+        self.conf_path = workdir / "nginx.conf"
+        self.error_log = ErrorLog(workdir / "error.log")
+        self.access_log_path = workdir / "access.log"
+        for module in _TEMP_MODULES:
+            (workdir / f"tmp_{module}").mkdir(exist_ok=True)
+
+    def render(self, proxy_idle_s: float) -> str:
+        return render_nginx_conf(
+            workdir=self.workdir, listen_port=self.listen_port, upstream_port=self.upstream_port,
+            proxy_idle_s=proxy_idle_s, keepalive_conns=self.keepalive_conns,
+            generation=self.generation, run_as_root=os.geteuid() == 0)
+
+    def _argv(self, *extra: str) -> list[str]:
+        return [self.binary, "-p", str(self.workdir), "-c", str(self.conf_path),
+                "-e", str(self.error_log.path), *extra]
+
+    def check_argv(self) -> list[str]:
+        return self._argv("-t", "-q")
+
+    def run_argv(self) -> list[str]:
+        return self._argv()
+
+    def version(self) -> str:
+        out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)
+        return (out.stderr or out.stdout).strip().removeprefix("nginx version: nginx/")

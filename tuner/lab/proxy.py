@@ -1,0 +1,123 @@
+"""What the lab's proxies share: write a config, check it with the proxy itself, start, reload
+on a signal, and know when the new configuration is the only one in force.
+
+Design decision: every rendered config answers `GET /__tuner/generation` with its generation
+number, so "reloaded" means "a fresh connection is served by the new configuration" and "every
+worker of the old one has exited" (an old worker could still hold a cached upstream
+connection), not "the signal was sent".
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from tuner.errors import ProcessStartError, ProxyConfigError
+from tuner.lab.errorlog import ErrorLog
+from tuner.lab.process import LOOPBACK, ManagedProcess, http_get, require_program
+
+GENERATION_PATH = "/__tuner/generation"
+#: The client side (load generator -> proxy) must never be the hop that races, so the proxy
+#: keeps idle client connections far longer than any trial runs.
+CLIENT_IDLE_S = 600.0
+
+
+class Proxy(ABC):
+    """A reverse proxy run by the lab on 127.0.0.1:`listen_port` in front of one upstream."""
+
+    name: str
+    package: str
+    #: the signal that makes the master reload its configuration
+    reload_signal: int
+
+    def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int) -> None:
+        self.binary = require_program(self.name, package=self.package)
+        self.workdir = workdir
+        self.listen_port = listen_port
+        self.upstream_port = upstream_port
+        self.generation = 0
+        self.proxy_idle_s: float | None = None
+        self._process: ManagedProcess | None = None
+
+    # -- what each proxy defines -------------------------------------------------------
+    conf_path: Path
+    error_log: ErrorLog
+
+    @abstractmethod
+    def render(self, proxy_idle_s: float) -> str:
+        """The configuration text for this generation."""
+
+    @abstractmethod
+    def check_argv(self) -> list[str]:
+        """The proxy's own config check."""
+
+    @abstractmethod
+    def run_argv(self) -> list[str]:
+        """The foreground master process."""
+
+    @abstractmethod
+    def version(self) -> str:
+        """The proxy's version, e.g. "1.22.1"."""
+
+    # -- shared mechanics ----------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.listen_port}"
+
+    def _write_conf(self, proxy_idle_s: float) -> None:
+        self.generation += 1
+        self.conf_path.write_text(self.render(proxy_idle_s))
+        checked = subprocess.run(self.check_argv(), capture_output=True, text=True, timeout=30)
+        if checked.returncode != 0:
+            message = (checked.stderr or checked.stdout).strip()
+            raise ProxyConfigError(
+                f"{self.name} rejected its configuration {self.conf_path}:\n{message}")
+
+    def _wait_generation(self, *, timeout_s: float) -> None:
+        assert self._process is not None
+        expected = f"generation {self.generation}"
+
+        def answers_generation() -> bool:
+            answer = http_get(self.listen_port, GENERATION_PATH)
+            return answer is not None and answer[1].strip() == expected
+
+        self._process.wait_ready(answers_generation, timeout_s=timeout_s,
+                                 what=f"answer on {self.url}{GENERATION_PATH} with {expected}")
+
+    def start(self, *, proxy_idle_s: float, timeout_s: float = 15.0) -> None:
+        self._write_conf(proxy_idle_s)
+        self._process = ManagedProcess(self.run_argv(), name=self.name, log_dir=self.workdir)
+        self._process.start()
+        self._wait_generation(timeout_s=timeout_s)
+        self.proxy_idle_s = proxy_idle_s
+
+    def set_idle(self, proxy_idle_s: float, *, timeout_s: float = 15.0) -> None:
+        """Reload with a new idle timeout; return once only the new workers remain."""
+        assert self._process is not None, f"{self.name} not started"
+        old_workers = children(self._process.pid)
+        self._write_conf(proxy_idle_s)
+        self._process.signal(self.reload_signal)
+        self._wait_generation(timeout_s=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while old_workers & children(self._process.pid):
+            if time.monotonic() > deadline:
+                raise ProcessStartError(
+                    f"{self.name} workers {sorted(old_workers)} still running {timeout_s:g}s "
+                    f"after a reload; log {self.error_log.path}")
+            time.sleep(0.02)
+        self.proxy_idle_s = proxy_idle_s
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+
+
+def children(pid: int) -> set[int]:
+    """Live child pids of `pid` (Linux /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return set()
+    return {int(child) for child in text.split()}

@@ -1,0 +1,1 @@
+"""Load generation through the lab's proxy."""

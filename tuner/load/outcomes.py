@@ -1,0 +1,61 @@
+"""How every request ended, in the classes the analysis needs (pure).
+
+A keep-alive race looks different per proxy: nginx answers 502, Envoy 503, and HAProxy may
+close the client connection without any status, so "connection reset / empty reply" is a
+class of its own, never folded into "other".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    OK = "2xx"
+    BAD_GATEWAY = "502"
+    UNAVAILABLE = "503"
+    GATEWAY_TIMEOUT = "504"
+    OTHER_STATUS = "other_status"
+    RESET = "reset"  # connection reset or closed with no reply (HAProxy's silent close)
+    TIMEOUT = "timeout"  # no answer within the client's timeout
+    CONNECT_ERROR = "connect_error"  # the proxy itself refused the connection
+
+
+FAILURES = frozenset(Outcome) - {Outcome.OK}
+
+
+def outcome_of_status(status: int) -> Outcome:
+    if 200 <= status < 300:
+        return Outcome.OK
+    return {502: Outcome.BAD_GATEWAY, 503: Outcome.UNAVAILABLE,
+            504: Outcome.GATEWAY_TIMEOUT}.get(status, Outcome.OTHER_STATUS)
+
+
+@dataclass
+class OutcomeCounts:
+    """Counts of outcomes, overall and per idle gap (seconds, rounded to the millisecond)."""
+
+    total: Counter[Outcome] = field(default_factory=Counter)
+    by_gap_s: dict[float, Counter[Outcome]] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome, *, gap_s: float | None) -> None:
+        self.total[outcome] += 1
+        if gap_s is not None:
+            self.by_gap_s.setdefault(round(gap_s, 3), Counter())[outcome] += 1
+
+    @property
+    def n_requests(self) -> int:
+        return sum(self.total.values())
+
+    @property
+    def n_failed(self) -> int:
+        return sum(n for outcome, n in self.total.items() if outcome in FAILURES)
+
+    @property
+    def n_502(self) -> int:
+        return self.total[Outcome.BAD_GATEWAY]
+
+    def as_dict(self) -> dict[str, int]:
+        return {outcome.value: self.total[outcome] for outcome in Outcome}
