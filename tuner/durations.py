@@ -47,9 +47,9 @@ def format_seconds(seconds: float) -> str:
     """Human form, shortest exact: 0.5 -> "500ms", 2.0 -> "2s", 90.0 -> "1m30s"."""
     ms = round(seconds * 1000)
     if abs(ms - seconds * 1000) > _WHOLE_TOLERANCE:
-        return f"{seconds:g}s"
+        return f"{plain_seconds(seconds)}s"
     if ms % 1000:
-        return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
+        return f"{ms}ms" if ms < 1000 else f"{plain_seconds(ms / 1000)}s"
     whole_s = ms // 1000
     minutes, rest_s = divmod(whole_s, 60)
     if minutes and rest_s:
@@ -62,7 +62,7 @@ def whole_ms(seconds: float, *, server: str) -> int:
     ms = round(seconds * 1000)
     if abs(ms - seconds * 1000) > _WHOLE_TOLERANCE or ms <= 0:
         raise ConfigError(
-            f"{server} takes whole milliseconds; {seconds:g}s is not one. "
+            f"{server} takes whole milliseconds; {plain_seconds(seconds)}s is not one. "
             "Choose a value such as 1500ms."
         )
     return ms

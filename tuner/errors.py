@@ -50,3 +50,9 @@ class LoadError(TunerError):
     """Load generation failed (not a failed request: those are results)."""
 
     exit_code = 4
+
+
+class ProbeError(TunerError):
+    """A server could not be probed: unreachable, or not answering HTTP/1.1."""
+
+    exit_code = 5

@@ -36,8 +36,10 @@ def get_proxy_class(name: str) -> type[Proxy]:
 class UpstreamServer:
     """A running upstream; changing its idle timeout restarts it on the same port."""
 
-    def __init__(self, upstream: Upstream, *, workdir: Path, port: int) -> None:
+    def __init__(self, upstream: Upstream, *, workdir: Path, port: int,
+                 ready_timeout_s: float = UPSTREAM_READY_TIMEOUT_S) -> None:
         self.upstream = upstream
+        self.ready_timeout_s = ready_timeout_s
         self.workdir = workdir
         self.port = port
         self.idle_s: float | None = None
@@ -61,7 +63,7 @@ class UpstreamServer:
         self._process.start()
         # Any HTTP answer means ready: a user's own server may 404 on this path.
         self._process.wait_ready(lambda: http_get(self.port, "/__tuner/ready") is not None,
-                                 timeout_s=UPSTREAM_READY_TIMEOUT_S,
+                                 timeout_s=self.ready_timeout_s,
                                  what=f"answer HTTP on {self.url}")
         self.idle_s = idle_s
 
@@ -98,7 +100,8 @@ class Lab:
     """A proxy in front of an upstream; use as `with Lab(...) as lab:`."""
 
     def __init__(self, *, proxy: str, upstream: Upstream, proxy_idle_s: float,
-                 upstream_idle_s: float, keep_workdir: bool = False) -> None:
+                 upstream_idle_s: float, keep_workdir: bool = False,
+                 upstream_ready_timeout_s: float = UPSTREAM_READY_TIMEOUT_S) -> None:
         self._proxy_class = get_proxy_class(proxy)
         # Refuse values the servers cannot take before starting anything.
         upstream.argv(port=1, idle_s=upstream_idle_s)
@@ -106,6 +109,7 @@ class Lab:
         self.initial_proxy_idle_s = proxy_idle_s
         self.initial_upstream_idle_s = upstream_idle_s
         self.keep_workdir = keep_workdir
+        self.upstream_ready_timeout_s = upstream_ready_timeout_s
         self.workdir = Path(tempfile.mkdtemp(prefix="tuner-lab-"))
         self.upstream: UpstreamServer | None = None
         self.proxy: Proxy | None = None
@@ -124,7 +128,8 @@ class Lab:
 
     def start(self) -> None:
         self.upstream = UpstreamServer(self.upstream_spec, workdir=self.workdir,
-                                       port=pick_free_port())
+                                       port=pick_free_port(),
+                                       ready_timeout_s=self.upstream_ready_timeout_s)
         self.upstream.start(self.initial_upstream_idle_s)
         self.proxy = self._proxy_class(workdir=self.workdir, listen_port=pick_free_port(),
                                        upstream_port=self.upstream.port)
@@ -158,6 +163,14 @@ class Lab:
             upstream_idle_option=self.upstream_spec.idle_option,
             proxy_config=str(proxy.conf_path), proxy_error_log=str(proxy.error_log.path),
             workdir=str(self.workdir))
+
+    def problem(self) -> str | None:
+        """Why the lab is broken (a process exited), or None if both are running."""
+        for server in (self.proxy, self.upstream):
+            process = server.process if server is not None else None
+            if process is not None and process.exit_status() is not None:
+                return process.describe_exit()
+        return None
 
     def close(self) -> None:
         """Stop every process (proxy first, so it stops sending) and remove the workdir."""

@@ -63,6 +63,10 @@ class Proxy(ABC):
 
     # -- shared mechanics ----------------------------------------------------------------
     @property
+    def process(self) -> ManagedProcess | None:
+        return self._process
+
+    @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.listen_port}"
 
