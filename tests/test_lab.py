@@ -99,9 +99,9 @@ def test_error_log_since_a_mark(no_leftover_children: None) -> None:
 
 def test_upstream_that_exits_reports_status_and_stderr(no_leftover_children: None) -> None:
     upstream = command_upstream("echo 'bind failed: port {port} idle {idle_s}' >&2; exit 3")
-    with pytest.raises(ProcessStartError) as info:
-        with Lab(proxy="nginx", upstream=upstream, proxy_idle_s=60, upstream_idle_s=1):
-            pass
+    with pytest.raises(ProcessStartError) as info, Lab(
+            proxy="nginx", upstream=upstream, proxy_idle_s=60, upstream_idle_s=1):
+        pass
     message = str(info.value)
     assert "exited (status 3)" in message
     assert "bind failed: port" in message
@@ -109,20 +109,20 @@ def test_upstream_that_exits_reports_status_and_stderr(no_leftover_children: Non
 
 def test_upstream_that_never_listens_times_out(no_leftover_children: None) -> None:
     upstream = command_upstream("sleep 30 # {port} {idle_s}")
-    with pytest.raises(ProcessStartError, match=r"did not answer HTTP .* within 1s"):
-        with Lab(proxy="nginx", upstream=upstream, proxy_idle_s=60, upstream_idle_s=1,
-                 upstream_ready_timeout_s=1):
-            pass
+    with pytest.raises(ProcessStartError, match=r"did not answer HTTP .* within 1s"), Lab(
+            proxy="nginx", upstream=upstream, proxy_idle_s=60, upstream_idle_s=1,
+            upstream_ready_timeout_s=1):
+        pass
 
 
 def test_exception_inside_the_lab_stops_everything(no_leftover_children: None) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with Lab(proxy="haproxy", upstream=get_upstream("gunicorn"), proxy_idle_s=60,
-                 upstream_idle_s=2) as lab:
-            workdir = lab.workdir
-            started = descendants(os.getpid())  # masters and their workers
-            assert len(started) >= 4
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Lab(
+            proxy="haproxy", upstream=get_upstream("gunicorn"), proxy_idle_s=60,
+            upstream_idle_s=2) as lab:
+        workdir = lab.workdir
+        started = descendants(os.getpid())  # masters and their workers
+        assert len(started) >= 4
+        raise RuntimeError("boom")
     assert not alive(started)
     assert not workdir.exists()
 

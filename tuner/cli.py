@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from types import FrameType
 
@@ -34,7 +34,7 @@ EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
 
 
-def _duration(what: str) -> type[float] | object:
+def _duration(what: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             return parse_duration(text, what=what)

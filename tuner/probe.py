@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tuner.errors import ProbeError
 
+
 @dataclass(frozen=True)
 class IdleClose:
     """One sample: how long an idle connection lived after its response, and how it ended."""

@@ -1,8 +1,21 @@
 """HAProxy as the lab's reverse proxy.
 
-HAProxy has no per-connection idle timer for server-side connections it keeps for reuse
-(see `render_haproxy_cfg` for the settings that bound them and how it picks one), so the
-knob that plays nginx's `keepalive_timeout` is the server's `pool-purge-delay`.
+What bounds HAProxy 2.6's idle server-side connections (read in src/mux_h1.c, src/server.c
+and src/backend.c of v2.6, and checked against 2.6.12 here):
+- No timeout applies to a connection parked in the server's idle pool: not `timeout server`
+  (only while a response is awaited), not `timeout http-keep-alive` or `timeout client`
+  (client side). HAProxy does watch it for reads, so an upstream's close removes it.
+- Every `pool-purge-delay` (server keyword, default 5s) `srv_cleanup_idle_conns` closes about
+  half of the connections above its estimate of the connections it needs. A lone idle
+  connection lived 3.0 s with `pool-purge-delay 1s` and 15 s with the default: the knob that
+  plays nginx's `keepalive_timeout` here, but coarse (2-3x its value).
+- `pool-max-conn 0`, `http-reuse never` or `pool-purge-delay 0` keep no idle connection.
+- Reuse is oldest-first (an ebtree lookup returns the first inserted duplicate), not LIFO.
+- On the race, with the default `http-reuse safe` and `retry-on conn-failure`, a reused
+  connection that dies before the response makes HAProxy close the *client* connection with
+  no status and no log line; `retry-on empty-response` replays the request instead.
+Measured in the lab (Node keepAliveTimeout 1000 ms, real close 2.0 s, synchronized bursts of
+30 POSTs): pool-purge-delay 60s gave 29 resets in 360 requests; 500ms gave 0 in 360.
 
 Design decision: run in master-worker mode (`-W`) and reload with SIGUSR2, as systemd does.
 """
@@ -43,7 +56,8 @@ defaults
 
 frontend tuner_front
     bind {LOOPBACK}:{listen_port}
-    http-request return status 200 content-type text/plain string "generation {generation}" if {{ path {GENERATION_PATH} }}
+    http-request return status 200 content-type text/plain \
+        string "generation {generation}" if {{ path {GENERATION_PATH} }}
     default_backend tuner_upstream
 
 backend tuner_upstream
@@ -53,7 +67,7 @@ backend tuner_upstream
     retries 3
     retry-on conn-failure
     # Idle server connections have no idle timer; each pool-purge-delay HAProxy closes
-    # those above its estimate of the connections it needs. This is the proxy idle knob.
+    # about half of those above its estimate of need. This is the proxy idle knob.
     server upstream {LOOPBACK}:{upstream_port} pool-purge-delay {haproxy_time(proxy_idle_s)}
 """
 

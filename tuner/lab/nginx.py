@@ -16,6 +16,7 @@ from tuner.durations import nginx_time
 from tuner.lab.errorlog import ErrorLog
 from tuner.lab.process import LOOPBACK
 from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
+
 #: Cached idle connections per worker: above the largest burst the lab sends, so a burst's
 #: connections all stay cached through the idle gap (the condition for the race).
 DEFAULT_KEEPALIVE_CONNS = 128

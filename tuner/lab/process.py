@@ -126,10 +126,8 @@ class ManagedProcess:
         pgid = self._popen.pid  # start_new_session: the group id is the leader's pid
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
         # The leader may be gone while its workers linger: always sweep the group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)

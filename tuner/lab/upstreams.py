@@ -41,11 +41,10 @@ class Upstream:
         """Raise MissingProgramError if the server's program is not installed."""
         if self.name == "node":
             require_program("node", package="nodejs")
-        elif self.name in _PYTHON_SERVERS:
-            if importlib.util.find_spec(self.name) is None:
-                raise MissingProgramError(
-                    f"{self.name} is not installed in this Python ({sys.executable}); "
-                    f"install it with `pip install {self.name}` or `pip install -e '.[lab]'`")
+        elif self.name in _PYTHON_SERVERS and importlib.util.find_spec(self.name) is None:
+            raise MissingProgramError(
+                f"{self.name} is not installed in this Python ({sys.executable}); "
+                f"install it with `pip install {self.name}` or `pip install -e '.[lab]'`")
 
 
 def _node_argv(port: int, idle_s: float) -> list[str]:

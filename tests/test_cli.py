@@ -1,0 +1,112 @@
+"""The `tuner` command as a user runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import alive, descendants
+
+TUNER = [sys.executable, "-m", "tuner.cli"]
+
+
+def _lab_up(*args: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    process = subprocess.Popen([*TUNER, "lab", "up", "--json", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        _, stderr = process.communicate(timeout=10)
+        pytest.fail(f"tuner lab up printed nothing; stderr: {stderr}")
+    return process, json.loads(line)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_lab_up_serves_then_stops_everything_on_a_signal(signum: int) -> None:
+    process, info = _lab_up("--proxy", "nginx", "--upstream", "node", "--proxy-idle", "60s",
+                            "--upstream-idle", "2s")
+    try:
+        assert info["proxy"] == "nginx" and info["upstream"] == "node"
+        assert info["proxy_idle_s"] == 60.0 and info["upstream_idle_s"] == 2.0
+        response = httpx.post(f"{info['proxy_url']}/x", content=b"hello")
+        assert response.status_code == 200 and response.json()["bytes"] == 5
+        children = descendants(process.pid)
+        assert len(children) >= 3, children  # nginx master + worker, node
+    finally:
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130
+    assert "stopped" in stderr
+    time.sleep(0.2)
+    assert not alive(children), "a lab process survived the signal"
+    assert not Path(str(info["workdir"])).exists()
+
+
+def test_lab_up_human_output_warns_about_a_mismatch() -> None:
+    process = subprocess.Popen([*TUNER, "lab", "up", "--proxy", "haproxy", "--upstream",
+                                "uvicorn", "--proxy-idle", "10s", "--upstream-idle", "5s"],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    lines = []
+    try:
+        while not lines or not lines[-1].startswith("Up."):
+            line = process.stdout.readline()
+            assert line, f"output ended early: {lines}"
+            lines.append(line.strip())
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=20)
+    text = "\n".join(lines)
+    assert "proxy     haproxy 2." in text
+    assert "--timeout-keep-alive (whole seconds): 5s" in text
+    assert "warning" in text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--upstream", "tomcat"], "unknown upstream 'tomcat'; choose one of node, uvicorn"),
+    (["--proxy-idle", "0s"], "--proxy-idle '0s' must be greater than zero"),
+    (["--upstream-idle", "5 parsecs"], "--upstream-idle '5 parsecs' is not a duration"),
+    (["--upstream-cmd", "myserver --idle {idle_s}"], "has no {port}"),
+    (["--upstream", "uvicorn", "--upstream-idle", "1500ms"], "uvicorn --timeout-keep-alive "
+                                                             "takes whole seconds"),
+])
+def test_bad_input_is_a_clear_error_with_exit_code_2(args: list[str], message: str) -> None:
+    result = subprocess.run([*TUNER, "lab", "up", *args], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_upstream_that_dies_is_reported_with_exit_code_3() -> None:
+    result = subprocess.run([*TUNER, "lab", "up", "--upstream-cmd",
+                             "echo 'no such app' >&2; exit 7 # {port} {idle_s}"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3
+    assert "exited (status 7)" in result.stderr and "no such app" in result.stderr
+
+
+def test_help_teaches_the_rule_and_exit_codes() -> None:
+    result = subprocess.run([*TUNER, "--help"], capture_output=True, text=True, timeout=30)
+    assert "REAL idle close time" in result.stdout
+    assert "130  interrupted" in result.stdout
+
+
+@pytest.mark.race
+def test_demo_json() -> None:
+    result = subprocess.run([*TUNER, "demo", "--bursts", "3", "--json"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    demo = json.loads(result.stdout)
+    assert demo["upstream_advertised_s"] == 1
+    assert 1.5 < demo["upstream_close_s"] < 3.0
+    unsafe, safe = demo["runs"]
+    assert unsafe["proxy_idle_s"] == 60 and safe["proxy_idle_s"] < demo["upstream_close_s"]
+    assert unsafe["n_requests"] == safe["n_requests"] == 90
+    assert safe["n_failed"] == 0
