@@ -13,7 +13,7 @@ from tuner.errors import ConfigError, ProcessStartError, ProxyConfigError
 from tuner.lab import BUILTIN_UPSTREAMS, PROXIES, Lab, command_upstream, get_upstream
 from tuner.lab.nginx import NginxProxy
 from tuner.lab.process import pick_free_port
-from tuner.probe import sample_idle_close
+from tuner.probe import parse_target, probe
 
 from .conftest import alive, descendants
 
@@ -65,9 +65,10 @@ def test_upstream_restart_changes_its_real_close_time(no_leftover_children: None
     with Lab(proxy="nginx", upstream=get_upstream("uvicorn"), proxy_idle_s=60,
              upstream_idle_s=1) as lab:
         assert lab.upstream is not None
-        before = sample_idle_close("127.0.0.1", lab.upstream.port, max_idle_s=10)
+        target = parse_target(f"{lab.upstream.url}/")
+        before = probe(target, n_samples=1, max_idle_s=10)
         lab.set_upstream_idle(2)
-        after = sample_idle_close("127.0.0.1", lab.upstream.port, max_idle_s=10)
+        after = probe(target, n_samples=1, max_idle_s=10)
         assert before.idle_close_s is not None and after.idle_close_s is not None
         assert 0.8 < before.idle_close_s < 1.6
         assert 1.8 < after.idle_close_s < 2.6
@@ -80,7 +81,7 @@ def test_bring_your_own_upstream(no_leftover_children: None) -> None:
         assert lab.upstream is not None
         response = httpx.post(f"{lab.info().proxy_url}/", content=b"abc")
         assert response.json()["bytes"] == 3
-        sample = sample_idle_close("127.0.0.1", lab.upstream.port, max_idle_s=10)
+        sample = probe(parse_target(f"{lab.upstream.url}/"), n_samples=1, max_idle_s=10)
         assert sample.advertised_s == 1  # Node rounds timeout=1.5 s down in its header
         assert sample.idle_close_s is not None and 2.3 < sample.idle_close_s < 2.8
 

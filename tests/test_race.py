@@ -14,17 +14,17 @@ from tuner.analysis.signatures import count_nginx_signatures, n_races
 from tuner.lab import Lab, get_upstream
 from tuner.load.bursts import BurstPlan, BurstReport, run_bursts, straddling_gaps
 from tuner.load.outcomes import Outcome
-from tuner.probe import sample_idle_closes
+from tuner.probe import parse_target, probe
 
 pytestmark = pytest.mark.race
 
 
 def _measured_close_s(lab: Lab) -> float:
     assert lab.upstream is not None
-    samples = sample_idle_closes("127.0.0.1", lab.upstream.port, samples=3, max_idle_s=10)
-    closes = [s.idle_close_s for s in samples if s.idle_close_s is not None]
-    assert len(closes) == 3, samples
-    return min(closes)
+    measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=3, max_idle_s=10)
+    assert len(measured.closes_s) == 3, measured
+    assert measured.effective_close_s is not None
+    return measured.effective_close_s
 
 
 def _hunt(lab: Lab, close_s: float) -> BurstReport:

@@ -21,6 +21,7 @@ from tuner.durations import EXAMPLES, format_seconds, parse_duration
 from tuner.errors import ConfigError, LabError, TunerError
 from tuner.lab import BUILTIN_UPSTREAMS, PROXIES, Lab, Upstream, command_upstream, get_upstream
 
+EXIT_UNSAFE = 6
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = """exit codes:
@@ -30,7 +31,8 @@ EXIT_CODES = """exit codes:
   3    the lab failed: a program missing, a process that exited or never listened,
        a configuration the proxy rejected
   4    load generation failed
-  5    a server could not be probed
+  5    a server could not be probed (unreachable, not HTTP/1.1)
+  6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
 
 
@@ -118,6 +120,45 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bursts per setting (default 12, about 25 s each)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(handler=cmd_demo)
+
+    probe = commands.add_parser(
+        "probe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="measure a server's real idle keep-alive close time",
+        description="Measure when an HTTP/1.1 server really closes an idle keep-alive\n"
+                    "connection: send one request on each of --samples connections in\n"
+                    "parallel, then time how long each stays open after its response, and\n"
+                    "whether it ends with FIN or RST. Headers and docs can lie (Node adds 1 s\n"
+                    "to keepAliveTimeout); this measures. A further connection is reused just\n"
+                    "before the measured close to check that it is still served.\n\n"
+                    "Probe an upstream directly for the proxy -> upstream hop, or a proxy's\n"
+                    "own address for its client-side idle timeout. Takes one idle period.",
+        epilog="examples:\n"
+               "  tuner probe http://127.0.0.1:3000/health\n"
+               "  tuner probe http://10.0.3.7:8080/ --proxy-idle 60s     # is nginx's 60 s safe?\n"
+               "  tuner probe https://api.internal/ping --insecure -H 'Authorization: Bearer x'\n"
+               "  tuner probe http://127.0.0.1:8000/ --samples 10 --max-idle 2m --json\n\n"
+               "margin: by default the larger of 1 s and 10 % of the close time: 1 s is\n"
+               "Node's own buffer and covers FIN delay and event-loop lag; 10 % covers servers\n"
+               "that sweep idle connections on a timer, and long timeouts.\n\n" + EXIT_CODES)
+    probe.add_argument("url", metavar="URL", help="http:// or https:// URL to request")
+    probe.add_argument("--samples", type=int, default=5, metavar="N",
+                       help="connections measured in parallel (default 5)")
+    probe.add_argument("--max-idle", type=_duration("--max-idle"), default=600.0,
+                       metavar="DURATION",
+                       help="give up waiting for a close after this long (default 10m)")
+    probe.add_argument("--method", default="GET", help="request method (default GET)")
+    probe.add_argument("--host", dest="host_header", metavar="HOST",
+                       help="Host header (default: from the URL)")
+    probe.add_argument("-H", "--header", dest="headers", action="append", default=[],
+                       metavar="'NAME: VALUE'", help="extra request header; repeatable")
+    probe.add_argument("--insecure", action="store_true",
+                       help="https: do not verify the server's certificate")
+    probe.add_argument("--proxy-idle", type=_duration("--proxy-idle"), metavar="DURATION",
+                       help="judge this proxy idle timeout against the measured close")
+    probe.add_argument("--margin", type=_duration("--margin"), metavar="DURATION",
+                       help="safety margin (default: the larger of 1s and 10%%)")
+    probe.add_argument("--json", action="store_true", help="print one JSON object")
+    probe.set_defaults(handler=cmd_probe)
     return parser
 
 
@@ -147,7 +188,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tuner.demo import render_demo, run_demo
+    from tuner.demo import run_demo
+    from tuner.render import render_demo
 
     if args.bursts < 1:
         raise ConfigError(f"--bursts must be at least 1, got {args.bursts}")
@@ -155,6 +197,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(n_bursts=args.bursts, say=say)
     print(json.dumps(result.as_json(), indent=2) if args.json else "\n" + render_demo(result))
     return 0
+
+
+def _parse_headers(raw: list[str]) -> dict[str, str]:
+    headers = {}
+    for item in raw:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            raise ConfigError(f"header {item!r} is not of the form 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from tuner.analysis.verdict import judge
+    from tuner.probe import parse_target, probe
+
+    target = parse_target(args.url, method=args.method, host_header=args.host_header,
+                          headers=_parse_headers(args.headers), verify_tls=not args.insecure)
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+    show_progress = not args.json and sys.stderr.isatty()
+
+    def progress(idle_s: float, n_open: int) -> None:
+        print(f"\r  idle {idle_s:5.0f} s, {n_open} of {args.samples} connections still open ",
+              end="", file=sys.stderr, flush=True)
+
+    if not args.json:
+        print(f"probing {args.url} with {args.samples} connections (up to "
+              f"{format_seconds(args.max_idle)} idle) ...", flush=True)
+    result = probe(target, n_samples=args.samples, max_idle_s=args.max_idle,
+                   on_progress=progress if show_progress else None)
+    if show_progress:
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+    verdict = None
+    if args.proxy_idle is not None:
+        verdict = judge(proxy_idle_s=args.proxy_idle, upstream_close_s=result.effective_close_s,
+                        max_idle_s=args.max_idle, margin_s=args.margin,
+                        closes_on_next_request=result.closes_on_next_request)
+    if args.json:
+        document = result.as_json()
+        if verdict is not None:
+            document["verdict"] = asdict(verdict)
+        print(json.dumps(document, indent=2))
+    else:
+        from tuner.render import render_probe
+        print(render_probe(result, verdict))
+    return EXIT_UNSAFE if verdict is not None and verdict.status == "unsafe" else 0
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

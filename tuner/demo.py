@@ -8,17 +8,17 @@ time, then reloads nginx with an idle timeout safely below it and sends the same
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from tuner.analysis.signatures import count_nginx_signatures, n_races
+from tuner.analysis.verdict import largest_safe_proxy_idle_s
 from tuner.durations import format_seconds
 from tuner.errors import ProbeError
 from tuner.lab import Lab, get_upstream
 from tuner.load.bursts import BurstPlan, run_bursts, straddling_gaps
 from tuner.load.outcomes import OutcomeCounts
-from tuner.probe import sample_idle_closes
+from tuner.probe import parse_target, probe
 
 UPSTREAM_IDLE_S = 1.0
 UNSAFE_PROXY_IDLE_S = 60.0
@@ -27,12 +27,6 @@ UNSAFE_PROXY_IDLE_S = 60.0
 #: +-10 ms around the measured close in 2 ms steps.
 GAP_HALF_WIDTH_S = 0.010
 N_GAP_STEPS = 11
-
-
-def safe_proxy_idle_s(upstream_close_s: float) -> float:
-    """Below the real close by the larger of 1 s and 10 %, rounded down to 100 ms."""
-    margin_s = max(1.0, 0.1 * upstream_close_s)
-    return max(0.1, math.floor((upstream_close_s - margin_s) * 10) / 10)
 
 
 @dataclass(frozen=True)
@@ -70,16 +64,19 @@ def run_demo(*, n_bursts: int = 12, burst_size: int = 30,
         say(f"lab: nginx {info.proxy_version} on {info.proxy_url} -> Node on "
             f"{info.upstream_url} (keepAliveTimeout {int(UPSTREAM_IDLE_S * 1000)} ms)")
         say("measuring when Node really closes an idle connection ...")
-        samples = sample_idle_closes("127.0.0.1", lab.upstream.port, samples=3, max_idle_s=30)
-        closes = [s.idle_close_s for s in samples if s.idle_close_s is not None]
-        if not closes:
+        measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=3, max_idle_s=30)
+        if measured.effective_close_s is None:
             raise ProbeError("Node kept idle connections open for 30 s; expected ~2 s")
-        close_s = min(closes)
-        advertised_s = samples[0].advertised_s
+        close_s = measured.effective_close_s
+        advertised_s = measured.advertised_s
         say(f"  Node advertises Keep-Alive: timeout={advertised_s:g} and really closes after "
             f"{close_s:.3f} s")
         runs = []
-        for proxy_idle_s in (UNSAFE_PROXY_IDLE_S, safe_proxy_idle_s(close_s)):
+        safe_s = largest_safe_proxy_idle_s(close_s)
+        if safe_s is None:
+            raise ProbeError(f"Node closed idle connections after {close_s:.3f} s, too soon "
+                             "for any safe proxy idle timeout; expected about 2 s")
+        for proxy_idle_s in (UNSAFE_PROXY_IDLE_S, safe_s):
             if proxy_idle_s != lab.proxy.proxy_idle_s:
                 say(f"reloading nginx with upstream keepalive_timeout "
                     f"{format_seconds(proxy_idle_s)} ...")
@@ -113,28 +110,3 @@ def run_demo(*, n_bursts: int = 12, burst_size: int = 30,
         return DemoResult(proxy="nginx", proxy_version=info.proxy_version, upstream="node",
                           upstream_idle_s=UPSTREAM_IDLE_S, upstream_advertised_s=advertised_s,
                           upstream_close_s=close_s, runs=runs)
-
-
-def render_demo(result: DemoResult) -> str:
-    """The summary table for people."""
-    rows = [f"{'nginx idle timeout':>20}  {'requests':>8}  {'502':>5}  {'failed':>6}  "
-            f"{'log races':>9}  verdict"]
-    for run in result.runs:
-        unsafe = run.proxy_idle_s >= result.upstream_close_s
-        verdict = ("UNSAFE: proxy outlives the upstream's close" if unsafe
-                   else "safe: proxy gives up idle connections first")
-        rows.append(f"{format_seconds(run.proxy_idle_s):>20}  {run.n_requests:>8}  "
-                    f"{run.n_502:>5}  {run.n_failed:>6}  {run.n_proxy_log_races:>9}  {verdict}")
-    unsafe_run, safe_run = result.runs
-    if unsafe_run.sample_log_line:
-        rows.append(f"\nnginx error log during the unsafe run:\n  {unsafe_run.sample_log_line}")
-    if unsafe_run.n_failed == 0:
-        rows.append("\nThe race did not show in this run: it is timing-dependent (a window of "
-                    "a few ms per burst). Run `make demo` again.")
-    if safe_run.n_failed:
-        rows.append("\nFailures with the safe setting: they do not follow the timeouts; look "
-                    "for another cause (CPU starvation, a crashed upstream).")
-    rows.append(f"\nRule: the proxy's idle timeout must be below the upstream's REAL close time "
-                f"({result.upstream_close_s:.2f} s here, not the advertised "
-                f"{result.upstream_advertised_s or 0:g} s) minus a margin.")
-    return "\n".join(rows)

@@ -51,6 +51,8 @@ def format_seconds(seconds: float) -> str:
     if ms % 1000:
         return f"{ms}ms" if ms < 1000 else f"{plain_seconds(ms / 1000)}s"
     whole_s = ms // 1000
+    if whole_s < 600:  # "66s" reads better than "1m6s" next to other timeouts
+        return f"{whole_s}s"
     minutes, rest_s = divmod(whole_s, 60)
     if minutes and rest_s:
         return f"{minutes}m{rest_s}s"

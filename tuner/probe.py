@@ -1,33 +1,171 @@
-"""Measure a server's real idle keep-alive close time with raw sockets.
+"""`tuner probe`: measure a server's real idle keep-alive close time.
 
-Design decision: trust nothing the server says. A connection is opened, one request is
-answered in full, and then the socket is watched until the server closes it (FIN: recv
-returns b""; RST: ECONNRESET). The time from the end of the response to that moment is the
-real idle close time; Node 20 advertises `timeout=2` for keepAliveTimeout=2000 and closes
-after 3.0 s.
+Design decision: trust nothing the server says. Each sample connection gets one request
+answered in full, then the socket is watched until the server closes it (FIN: recv returns
+b""; RST: ECONNRESET). The time from the end of the response to that moment is the real idle
+close time; Node 20 advertises `timeout=2` for keepAliveTimeout=2000 and closes after 3.0 s.
+
+All samples are watched together in one selector loop, so the wall time is one idle period,
+and close times are stamped the moment the loop sees them (no thread hand-offs). One extra
+connection, answered `stagger_s` after the samples, is reused the instant the first sample
+closes: its idle age is then just under the measured close time, and it must be served.
 """
 
 from __future__ import annotations
 
 import http.client
+import selectors
 import socket
+import ssl
+import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-from tuner.errors import ProbeError
+from tuner.errors import ConfigError, ProbeError
+
+#: The window check's connection is answered this long after the samples, so when the first
+#: sample closes it has been idle this much less than the measured close time.
+DEFAULT_STAGGER_S = 0.1
+CONNECT_TIMEOUT_S = 10.0
+RESPONSE_TIMEOUT_S = 10.0
+_BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 @dataclass(frozen=True)
-class IdleClose:
-    """One sample: how long an idle connection lived after its response, and how it ended."""
+class ProbeTarget:
+    """Where and what to send: a parsed, validated URL plus request options."""
 
-    #: seconds from the end of the response to the close; None if still open at the limit
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    method: str = "GET"
+    host_header: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    verify_tls: bool = True
+
+    def request_bytes(self) -> bytes:
+        lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {self.host_header}"]
+        lines += [f"{name}: {value}" for name, value in self.headers.items()]
+        if self.method in _BODY_METHODS and not any(
+                name.lower() == "content-length" for name in self.headers):
+            lines.append("Content-Length: 0")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def parse_target(url: str, *, method: str = "GET", host_header: str | None = None,
+                 headers: Mapping[str, str] | None = None, verify_tls: bool = True
+                 ) -> ProbeTarget:
+    """Validate `url` (http or https, a host, an optional port); ConfigError if it is not."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"URL {url!r} is not an http:// or https:// URL with a host; "
+                          "write e.g. http://127.0.0.1:8080/health")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"URL {url!r} has an invalid port") from None
+    if not method.isalpha():
+        raise ConfigError(f"--method {method!r} is not an HTTP method")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return ProbeTarget(url=url, scheme=parts.scheme, host=parts.hostname, port=port, path=path,
+                       method=method.upper(), host_header=host_header or parts.netloc,
+                       headers=dict(headers or {}), verify_tls=verify_tls)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One connection: how long it lived idle after its response, and how it ended."""
+
+    #: seconds from the end of the response to the close; None if it was not closed
     idle_close_s: float | None
-    #: "fin", "rst" or "none"
+    #: "fin", "rst", "none" (open and still served at the limit), or "on_next_request"
+    #: (open at the limit, but a request sent on it was dropped)
     close_kind: str
-    #: what the Keep-Alive response header advertised, in seconds, if anything
     advertised_s: float | None
+
+
+@dataclass(frozen=True)
+class WindowCheck:
+    """A connection reused just before the measured close time: was it served?"""
+
+    reused_at_idle_s: float | None
+    served: bool
+    status: int | None
+    note: str
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    url: str
+    samples: list[Sample]
+    window: WindowCheck | None
+    elapsed_s: float
+    max_idle_s: float
+
+    @property
+    def closes_s(self) -> list[float]:
+        return sorted(s.idle_close_s for s in self.samples if s.idle_close_s is not None)
+
+    @property
+    def advertised_s(self) -> float | None:
+        return next((s.advertised_s for s in self.samples if s.advertised_s is not None), None)
+
+    @property
+    def idle_close_s(self) -> float | None:
+        return self.closes_s[0] if self.closes_s else None
+
+    @property
+    def effective_close_s(self) -> float | None:
+        """The close time to plan with: the measured one, unless a connection reused
+        earlier was already dropped (gunicorn sweeps expired connections about once a
+        second, so it can close at 1.1 s yet refuse reuse at 1.0 s)."""
+        window = self.window
+        if window is not None and not window.served and window.reused_at_idle_s is not None:
+            closes = [c for c in (self.idle_close_s, window.reused_at_idle_s) if c is not None]
+            return min(closes)
+        return self.idle_close_s
+
+    @property
+    def close_kind(self) -> str:
+        """The most common way the server ended idle connections: fin, rst or none."""
+        kinds = Counter(s.close_kind for s in self.samples if s.close_kind in ("fin", "rst"))
+        return kinds.most_common(1)[0][0] if kinds else "none"
+
+    @property
+    def closes_on_next_request(self) -> bool:
+        return any(s.close_kind == "on_next_request" for s in self.samples)
+
+    def as_json(self) -> dict[str, object]:
+        closes = self.closes_s
+        return {
+            "url": self.url,
+            "advertised_s": self.advertised_s,
+            "idle_close_s": _round(self.idle_close_s),
+            "idle_close_median_s": _round(statistics.median(closes)) if closes else None,
+            "idle_close_max_s": _round(closes[-1]) if closes else None,
+            "effective_close_s": _round(self.effective_close_s),
+            "close_kind": self.close_kind,
+            "closes_on_next_request": self.closes_on_next_request,
+            "samples": len(self.samples),
+            "sample_closes": [
+                {"idle_close_s": _round(s.idle_close_s), "close_kind": s.close_kind}
+                for s in self.samples],
+            "window": None if self.window is None else {
+                "reused_at_idle_s": _round(self.window.reused_at_idle_s),
+                "served": self.window.served, "status": self.window.status,
+                "note": self.window.note},
+            "max_idle_s": self.max_idle_s,
+            "elapsed_s": _round(self.elapsed_s),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def parse_keep_alive_timeout(header: str | None) -> float | None:
@@ -44,44 +182,173 @@ def parse_keep_alive_timeout(header: str | None) -> float | None:
     return None
 
 
-def sample_idle_close(host: str, port: int, *, path: str = "/", max_idle_s: float = 600.0
-                      ) -> IdleClose:
-    """Open one connection, GET `path`, then time the server's close of the idle socket."""
-    try:
-        sock = socket.create_connection((host, port), timeout=10)
-    except OSError as exc:
-        raise ProbeError(f"cannot connect to {host}:{port}: {exc.strerror or exc}; is the "
-                         "server running and listening there?") from exc
-    with sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-        response = http.client.HTTPResponse(sock, method="GET")
+class _Conn:
+    """One probe connection and what happened to it."""
+
+    def __init__(self, target: ProbeTarget) -> None:
+        self.target = target
         try:
+            raw = socket.create_connection((target.host, target.port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            raise ProbeError(
+                f"cannot connect to {target.host}:{target.port} ({target.url}): "
+                f"{exc.strerror or exc}; is the server running and listening there?") from exc
+        if target.scheme == "https":
+            context = ssl.create_default_context()
+            if not target.verify_tls:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            try:
+                raw = context.wrap_socket(raw, server_hostname=target.host)
+            except (OSError, ssl.SSLError) as exc:
+                raw.close()
+                raise ProbeError(f"TLS handshake with {target.host}:{target.port} failed: "
+                                 f"{exc}; is it an https server? (--insecure skips "
+                                 "certificate checks)") from exc
+        self.sock: socket.socket = raw
+        self.answered_at: float | None = None
+        self.advertised_s: float | None = None
+        self.closed_at: float | None = None
+        self.close_kind = "none"
+
+    def exchange(self) -> http.client.HTTPResponse:
+        """Send the request and read the whole response (blocking)."""
+        self.sock.settimeout(RESPONSE_TIMEOUT_S)
+        try:
+            self.sock.sendall(self.target.request_bytes())
+            response = http.client.HTTPResponse(self.sock, method=self.target.method)
             response.begin()
             response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise ProbeError(f"{host}:{port} did not answer HTTP/1.1 to GET {path}: "
-                             f"{exc!r}") from exc
-        answered_at = time.monotonic()
-        advertised_s = parse_keep_alive_timeout(response.getheader("Keep-Alive"))
-        if response.will_close:
-            return IdleClose(0.0, "fin", advertised_s)
-        sock.settimeout(max_idle_s)
+            raise ProbeError(f"{self.target.url} did not answer HTTP/1.1 to "
+                             f"{self.target.method} {self.target.path}: {exc!r}") from exc
+        self.answered_at = time.monotonic()
+        self.advertised_s = parse_keep_alive_timeout(response.getheader("Keep-Alive"))
+        return response
+
+    def poll_closed(self) -> bool:
+        """Read what is there without blocking; True once the server has closed."""
         try:
-            data = sock.recv(1)
-        except TimeoutError:
-            return IdleClose(None, "none", advertised_s)
+            data = self.sock.recv(4096)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
         except ConnectionResetError:
-            return IdleClose(time.monotonic() - answered_at, "rst", advertised_s)
-        closed_at = time.monotonic()
-        if data:
-            raise ProbeError(f"{host}:{port} sent unrequested data on an idle connection")
-        return IdleClose(closed_at - answered_at, "fin", advertised_s)
+            self._closed("rst")
+            return True
+        except OSError:
+            self._closed("rst")
+            return True
+        if not data:
+            self._closed("fin")
+            return True
+        return False  # e.g. a "408 Request Timeout" some servers send before closing
+
+    def _closed(self, kind: str) -> None:
+        self.closed_at = time.monotonic()
+        self.close_kind = kind
+
+    def sample(self) -> Sample:
+        assert self.answered_at is not None
+        idle = None if self.closed_at is None else self.closed_at - self.answered_at
+        return Sample(idle, self.close_kind, self.advertised_s)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-def sample_idle_closes(host: str, port: int, *, samples: int, path: str = "/",
-                       max_idle_s: float = 600.0) -> list[IdleClose]:
-    """`samples` connections measured in parallel, so the wait is one idle period."""
-    with ThreadPoolExecutor(max_workers=samples) as pool:
-        futures = [pool.submit(sample_idle_close, host, port, path=path, max_idle_s=max_idle_s)
-                   for _ in range(samples)]
-        return [future.result() for future in futures]
+def _reuse(conn: _Conn) -> tuple[bool, int | None]:
+    """Send one more request on an idle connection: (served, status)."""
+    conn.sock.setblocking(True)
+    conn.sock.settimeout(RESPONSE_TIMEOUT_S)
+    try:
+        conn.sock.sendall(conn.target.request_bytes())
+        response = http.client.HTTPResponse(conn.sock, method=conn.target.method)
+        response.begin()
+        response.read()
+    except (OSError, http.client.HTTPException):
+        return False, None
+    return True, response.status
+
+
+def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
+          stagger_s: float = DEFAULT_STAGGER_S,
+          on_progress: Callable[[float, int], None] | None = None) -> ProbeResult:
+    """Measure how long `target` keeps idle keep-alive connections; see the module doc."""
+    if n_samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {n_samples}")
+    started = time.monotonic()
+    conns: list[_Conn] = []
+    checker: _Conn | None = None
+    try:
+        conns = [_Conn(target) for _ in range(n_samples)]
+        checker = _Conn(target)
+        for conn in conns:
+            conn.exchange()
+        time.sleep(stagger_s)
+        checker.exchange()
+        window = _watch(conns, checker, max_idle_s=max_idle_s, on_progress=on_progress)
+        for conn in conns:
+            if conn.closed_at is None:
+                served, _ = _reuse(conn)
+                conn.close_kind = "none" if served else "on_next_request"
+        return ProbeResult(url=target.url, samples=[c.sample() for c in conns], window=window,
+                           elapsed_s=time.monotonic() - started, max_idle_s=max_idle_s)
+    finally:
+        for conn in conns:
+            conn.close()
+        if checker is not None:
+            checker.close()
+
+
+def _watch(conns: list[_Conn], checker: _Conn, *, max_idle_s: float,
+           on_progress: Callable[[float, int], None] | None) -> WindowCheck | None:
+    """Wait for every sample to close (or reach `max_idle_s`); reuse `checker` at the first."""
+    selector = selectors.DefaultSelector()
+    for conn in (*conns, checker):
+        conn.sock.setblocking(False)
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+    first_answer = min(c.answered_at for c in conns if c.answered_at is not None)
+    deadline = first_answer + max_idle_s
+    window: WindowCheck | None = None
+    n_open = len(conns)
+    next_progress = time.monotonic() + 1.0
+    try:
+        while n_open:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            for key, _ in selector.select(timeout=min(deadline - now, 1.0)):
+                watched: _Conn = key.data
+                if not watched.poll_closed():
+                    continue
+                selector.unregister(watched.sock)
+                if watched is checker:
+                    assert checker.answered_at is not None and checker.closed_at is not None
+                    if window is None:
+                        age = checker.closed_at - checker.answered_at
+                        window = WindowCheck(None, False, None,
+                                             f"the check connection, answered later, closed "
+                                             f"first, after {age:.3f} s idle")
+                    continue
+                n_open -= 1
+                if window is None:
+                    window = _check_window(checker)
+            if on_progress is not None and time.monotonic() >= next_progress:
+                on_progress(time.monotonic() - first_answer, n_open)
+                next_progress += 1.0
+    finally:
+        selector.close()
+    return window
+
+
+def _check_window(checker: _Conn) -> WindowCheck:
+    assert checker.answered_at is not None
+    if checker.closed_at is not None:
+        return WindowCheck(None, False, None, "the check connection was already closed")
+    reused_at = time.monotonic() - checker.answered_at
+    served, status = _reuse(checker)
+    note = ("served: a connection reused just before the measured close is safe" if served
+            else f"NOT served: the server dropped a connection idle {reused_at:.3f} s, before "
+                 "the measured close; plan with that shorter time")
+    checker.closed_at = checker.closed_at or time.monotonic()  # done with it either way
+    return WindowCheck(reused_at, served, status, note)

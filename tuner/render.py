@@ -1,0 +1,67 @@
+"""Text for people: the tables and sentences the CLI prints (pure)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tuner.durations import format_seconds
+
+if TYPE_CHECKING:
+    from tuner.analysis.verdict import Verdict
+    from tuner.demo import DemoResult
+    from tuner.probe import ProbeResult
+
+
+def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
+    advertised = (f"Keep-Alive: timeout={result.advertised_s:g}" if result.advertised_s
+                  is not None else "nothing (no Keep-Alive timeout header)")
+    lines = [f"  advertised  {advertised}"]
+    closes = result.closes_s
+    if closes:
+        spread = (f"{closes[0]:.3f} s min / {closes[len(closes) // 2]:.3f} s median / "
+                  f"{closes[-1]:.3f} s max")
+        lines.append(f"  measured    idle close after {spread}  "
+                     f"({result.close_kind.upper()}, {len(closes)} of {len(result.samples)} "
+                     "connections)")
+    if result.closes_on_next_request:
+        lines.append(f"  measured    connections stayed open {format_seconds(result.max_idle_s)}"
+                     " but a request sent on them then was DROPPED: the server closes only "
+                     "when the next request arrives")
+    elif not closes:
+        lines.append(f"  measured    never closed: connections stayed open and served after "
+                     f"{format_seconds(result.max_idle_s)} idle (--max-idle)")
+    if result.window is not None:
+        lines.append(f"  window      {result.window.note}"
+                     + (f" (reused after {result.window.reused_at_idle_s:.3f} s idle)"
+                        if result.window.reused_at_idle_s is not None else ""))
+    if result.effective_close_s is not None and result.effective_close_s != result.idle_close_s:
+        lines.append(f"  plan with   {result.effective_close_s:.3f} s")
+    if verdict is not None:
+        lines.append(f"  verdict     {verdict.status.upper()}: {verdict.message}")
+    lines.append(f"  took        {result.elapsed_s:.1f} s")
+    return "\n".join(lines)
+
+
+def render_demo(result: DemoResult) -> str:
+    """The summary table for people."""
+    rows = [f"{'nginx idle timeout':>20}  {'requests':>8}  {'502':>5}  {'failed':>6}  "
+            f"{'log races':>9}  verdict"]
+    for run in result.runs:
+        unsafe = run.proxy_idle_s >= result.upstream_close_s
+        verdict = ("UNSAFE: proxy outlives the upstream's close" if unsafe
+                   else "safe: proxy gives up idle connections first")
+        rows.append(f"{format_seconds(run.proxy_idle_s):>20}  {run.n_requests:>8}  "
+                    f"{run.n_502:>5}  {run.n_failed:>6}  {run.n_proxy_log_races:>9}  {verdict}")
+    unsafe_run, safe_run = result.runs
+    if unsafe_run.sample_log_line:
+        rows.append(f"\nnginx error log during the unsafe run:\n  {unsafe_run.sample_log_line}")
+    if unsafe_run.n_failed == 0:
+        rows.append("\nThe race did not show in this run: it is timing-dependent (a window of "
+                    "a few ms per burst). Run `make demo` again.")
+    if safe_run.n_failed:
+        rows.append("\nFailures with the safe setting: they do not follow the timeouts; look "
+                    "for another cause (CPU starvation, a crashed upstream).")
+    rows.append(f"\nRule: the proxy's idle timeout must be below the upstream's REAL close time "
+                f"({result.upstream_close_s:.2f} s here, not the advertised "
+                f"{result.upstream_advertised_s or 0:g} s) minus a margin.")
+    return "\n".join(rows)
