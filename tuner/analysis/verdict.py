@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from tuner.durations import format_seconds
 
 DEFAULT_MARGIN_MIN_S = 1.0
+#: Comparisons of float seconds allow this much binary noise (1.9 - 1.0 = 0.8999999999999999).
+_EPSILON_S = 1e-9
 DEFAULT_MARGIN_RATE = 0.10
 
 
@@ -36,9 +38,17 @@ def largest_safe_proxy_idle_s(upstream_close_s: float, margin_s: float | None = 
 
 
 def smallest_safe_upstream_close_s(proxy_idle_s: float, margin_s: float | None = None) -> float:
-    """The shortest real idle close an upstream may have behind this proxy, rounded up to 1 s."""
-    margin = default_margin_s(proxy_idle_s) if margin_s is None else margin_s
-    return float(math.ceil(round(proxy_idle_s + margin, 6)))
+    """The shortest real idle close an upstream may have behind this proxy, rounded up to 1 s.
+
+    The inverse of `largest_safe_proxy_idle_s`: with the default margin (a share of the
+    upstream's close) `p <= c - max(1, 0.1 c)` means `c >= max(p + 1, p / 0.9)`.
+    """
+    if margin_s is None:
+        needed_s = max(proxy_idle_s + DEFAULT_MARGIN_MIN_S,
+                       proxy_idle_s / (1 - DEFAULT_MARGIN_RATE))
+    else:
+        needed_s = proxy_idle_s + margin_s
+    return float(math.ceil(round(needed_s, 6)))
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ def judge(*, proxy_idle_s: float, upstream_close_s: float | None, max_idle_s: fl
                        "upstream's, or stop the proxy from reusing connections.")
     if upstream_close_s is None:
         margin = default_margin_s(max_idle_s) if margin_s is None else margin_s
-        if proxy_idle_s <= max_idle_s - margin:
+        if proxy_idle_s <= max_idle_s - margin + _EPSILON_S:
             return Verdict("safe", proxy_idle_s, None, margin, None, upstream_min_s,
                            f"the upstream kept idle connections open for the whole "
                            f"{format_seconds(max_idle_s)} probed, longer than the proxy's "
@@ -84,7 +94,7 @@ def judge(*, proxy_idle_s: float, upstream_close_s: float | None, max_idle_s: fl
     margin = default_margin_s(upstream_close_s) if margin_s is None else margin_s
     proxy_max_s = largest_safe_proxy_idle_s(upstream_close_s, margin)
     closes = f"{upstream_close_s:.1f} s"
-    if proxy_idle_s <= upstream_close_s - margin:
+    if proxy_idle_s <= upstream_close_s - margin + _EPSILON_S:
         return Verdict("safe", proxy_idle_s, upstream_close_s, margin, proxy_max_s,
                        upstream_min_s,
                        f"the proxy gives up idle connections after "

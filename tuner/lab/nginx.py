@@ -25,7 +25,7 @@ _TEMP_MODULES = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 def render_nginx_conf(*, workdir: Path, listen_port: int, upstream_port: int,
                       proxy_idle_s: float, keepalive_conns: int, generation: int,
-                      run_as_root: bool) -> str:
+                      run_as_root: bool, client_idle_s: float = CLIENT_IDLE_S) -> str:
     """The whole nginx.conf for the lab (pure)."""
     temp_paths = "\n".join(f"    {module}_temp_path {workdir}/tmp_{module};"
                            for module in _TEMP_MODULES)
@@ -45,7 +45,7 @@ http {{
     log_format tuner '$msec $request_method $status "$upstream_status" $request_time';
     access_log {workdir}/access.log tuner;
 {temp_paths}
-    keepalive_timeout {nginx_time(CLIENT_IDLE_S)};
+    keepalive_timeout {nginx_time(client_idle_s)};
     keepalive_requests 100000;
     upstream tuner_upstream {{
         server {LOOPBACK}:{upstream_port} max_fails=0;
@@ -77,9 +77,11 @@ class NginxProxy(Proxy):
     reload_signal = signal.SIGHUP
 
     def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int,
-                 keepalive_conns: int = DEFAULT_KEEPALIVE_CONNS) -> None:
+                 keepalive_conns: int = DEFAULT_KEEPALIVE_CONNS,
+                 client_idle_s: float = CLIENT_IDLE_S) -> None:
         super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port)
         self.keepalive_conns = keepalive_conns
+        self.client_idle_s = client_idle_s
         self.conf_path = workdir / "nginx.conf"
         self.error_log = ErrorLog(workdir / "error.log")
         self.access_log_path = workdir / "access.log"
@@ -90,7 +92,8 @@ class NginxProxy(Proxy):
         return render_nginx_conf(
             workdir=self.workdir, listen_port=self.listen_port, upstream_port=self.upstream_port,
             proxy_idle_s=proxy_idle_s, keepalive_conns=self.keepalive_conns,
-            generation=self.generation, run_as_root=os.geteuid() == 0)
+            generation=self.generation, run_as_root=os.geteuid() == 0,
+            client_idle_s=self.client_idle_s)
 
     def _argv(self, *extra: str) -> list[str]:
         return [self.binary, "-p", str(self.workdir), "-c", str(self.conf_path),
