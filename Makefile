@@ -11,5 +11,5 @@ test: setup lint
 	.venv/bin/pytest
 
 lint:
-	.venv/bin/ruff check tuner tests
+	.venv/bin/ruff check tuner tests bench
 	.venv/bin/mypy

@@ -52,6 +52,12 @@ class LoadError(TunerError):
     exit_code = 4
 
 
+class StoreError(TunerError):
+    """The results store cannot be read or written."""
+
+    exit_code = 7
+
+
 class ProbeError(TunerError):
     """A server could not be probed: unreachable, or not answering HTTP/1.1."""
 
