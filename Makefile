@@ -10,6 +10,6 @@ demo: setup
 test: setup lint
 	.venv/bin/pytest
 
-lint:
+lint: setup
 	.venv/bin/ruff check tuner tests bench
 	.venv/bin/mypy

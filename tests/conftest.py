@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Orphans (a worker whose master died) are re-parented to the nearest subreaper; making
+    # the test process one keeps them visible to `descendants`, so a leak cannot hide.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def descendants(pid: int) -> set[int]:

@@ -31,7 +31,7 @@ def _probe_upstream(name: str, idle_s: float, **kwargs: float) -> ProbeResult:
 
 
 def _assert_fast(result: ProbeResult, close_s: float) -> None:
-    # The target (1.2 x T + 1 s) with room for a loaded CI machine; bench/ has figures.
+    # The target: 1.2 x T + 1 s (measured: 1.000-1.005 x T, bench/probe_accuracy.py).
     assert result.elapsed_s < 1.2 * close_s + 1.0, result.elapsed_s
 
 
@@ -61,8 +61,16 @@ def test_python_servers_close_near_their_setting(server: str, low_s: float,
     result = _probe_upstream(server, 1.0, n_samples=3, max_idle_s=10)
     assert result.idle_close_s is not None
     assert low_s <= result.idle_close_s <= high_s, result.closes_s
-    assert result.effective_close_s is not None
-    assert result.effective_close_s <= result.idle_close_s
+    window = result.window
+    assert window is not None and result.effective_close_s is not None
+    if window.served:
+        assert result.effective_close_s == result.idle_close_s
+    else:  # gunicorn's sweep: the younger check connection's age is what counts
+        assert server == "gunicorn", window
+        younger_s = window.closed_first_idle_s or window.reused_at_idle_s
+        assert younger_s is not None and younger_s < result.idle_close_s
+        assert result.effective_close_s == younger_s
+        assert 0.95 <= younger_s <= high_s
     assert result.advertised_s is None  # none of them sends a Keep-Alive timeout
     _assert_fast(result, result.idle_close_s)
 
@@ -128,6 +136,7 @@ def lazy_server() -> Iterator[int]:
     stop.set()
     thread.join(timeout=2)
     listener.close()
+    assert not thread.is_alive()
 
 
 def test_a_server_that_closes_only_on_the_next_request(lazy_server: int) -> None:
@@ -156,7 +165,10 @@ def garbage_server() -> Iterator[int]:
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     yield listener.getsockname()[1]
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
     listener.close()
+    thread.join(timeout=2)
+    assert not thread.is_alive()
 
 
 def test_a_server_answering_garbage(garbage_server: int) -> None:

@@ -46,7 +46,6 @@ def test_nginx_502s_when_it_outlives_node_and_none_when_it_does_not() -> None:
         unsafe_log = count_nginx_signatures(lab.proxy.error_log.lines_since(mark))
         assert unsafe.counts.n_502 >= 1, unsafe.counts.as_dict()
         assert n_races(unsafe_log) >= 1, unsafe_log
-        assert unsafe.elapsed_s < 35
 
         # Safe: nginx gives up idle connections a second before Node closes them.
         lab.set_proxy_idle(round(close_s - 1.0, 3))

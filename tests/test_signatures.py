@@ -32,4 +32,8 @@ def test_haproxy_server_aborts() -> None:
         '"POST / HTTP/1.1"',
     ]
     assert count_haproxy_signatures(lines) == {"SH": 1}
+    # a request path that happens to look like a state must not count
+    assert count_haproxy_signatures([
+        '127.0.0.1:3 [22/Nov/2026:03:03:19.895] f b/s 0/0/0/3/3 200 185 - - ---- 1/1/0/0/0 0/0 '
+        '"GET /SDKs HTTP/1.1"']) == {}
     assert count_nginx_signatures([]) == {}

@@ -17,6 +17,7 @@ def test_unknown_upstream_lists_choices() -> None:
     ("node app.js {port}", "neither {idle_s} nor {idle_ms}"),
     ("node app.js {port} {idle_s} {host}", "unknown placeholder"),
     ("node app.js {port {idle_s}", "not a valid template"),
+    ("node 'app.js {port} {idle_s}", "check its quotes"),
 ])
 def test_bad_command_templates(template: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -215,8 +215,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     target = parse_target(args.url, method=args.method, host_header=args.host_header,
                           headers=_parse_headers(args.headers), verify_tls=not args.insecure)
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     show_progress = not args.json and sys.stderr.isatty()
 
     def progress(idle_s: float, n_open: int) -> None:
@@ -234,7 +232,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.proxy_idle is not None:
         verdict = judge(proxy_idle_s=args.proxy_idle, upstream_close_s=result.effective_close_s,
                         max_idle_s=args.max_idle, margin_s=args.margin,
-                        closes_on_next_request=result.closes_on_next_request)
+                        closes_on_next_request=result.closes_on_next_request,
+                        keeps_alive=result.keeps_alive)
     if args.json:
         document = result.as_json()
         if verdict is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from tuner.analysis.signatures import count_nginx_signatures, n_races
-from tuner.analysis.verdict import largest_safe_proxy_idle_s
+from tuner.analysis.signatures import count_nginx_signatures, is_nginx_race_line, n_races
+from tuner.analysis.verdict import judge, largest_safe_proxy_idle_s
 from tuner.durations import format_seconds
 from tuner.errors import ProbeError
 from tuner.lab import Lab, get_upstream
@@ -39,6 +39,9 @@ class DemoRun:
     outcomes: dict[str, int]
     log_signatures: dict[str, int]
     sample_log_line: str | None
+    #: the rule's verdict on this setting ("safe" or "unsafe"), and why
+    verdict: str
+    verdict_message: str
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,9 @@ def run_demo(*, n_bursts: int = 12, burst_size: int = 30,
             raise ProbeError("Node kept idle connections open for 30 s; expected ~2 s")
         close_s = measured.effective_close_s
         advertised_s = measured.advertised_s
-        say(f"  Node advertises Keep-Alive: timeout={advertised_s:g} and really closes after "
-            f"{close_s:.3f} s")
+        said = ("nothing" if advertised_s is None
+                else f"Keep-Alive: timeout={advertised_s:g}")
+        say(f"  Node advertises {said} and really closes after {close_s:.3f} s")
         runs = []
         safe_s = largest_safe_proxy_idle_s(close_s)
         if safe_s is None:
@@ -81,9 +85,11 @@ def run_demo(*, n_bursts: int = 12, burst_size: int = 30,
                 say(f"reloading nginx with upstream keepalive_timeout "
                     f"{format_seconds(proxy_idle_s)} ...")
                 lab.set_proxy_idle(proxy_idle_s)
-            verdict = "longer" if proxy_idle_s >= close_s else "shorter"
-            say(f"nginx keepalive_timeout {format_seconds(proxy_idle_s)} ({verdict} than Node's "
-                f"{close_s:.2f} s): {n_bursts} bursts of {burst_size} POSTs, idle gaps "
+            verdict = judge(proxy_idle_s=proxy_idle_s, upstream_close_s=close_s,
+                            max_idle_s=UNSAFE_PROXY_IDLE_S)
+            say(f"nginx keepalive_timeout {format_seconds(proxy_idle_s)} ({verdict.status} "
+                f"against Node's {close_s:.2f} s): {n_bursts} bursts of {burst_size} POSTs, "
+                "idle gaps "
                 f"{close_s - GAP_HALF_WIDTH_S:.3f}-{close_s + GAP_HALF_WIDTH_S:.3f} s")
             mark = lab.proxy.error_log.mark()
             plan = BurstPlan(url=f"{lab.proxy.url}/orders", burst_size=burst_size,
@@ -99,14 +105,15 @@ def run_demo(*, n_bursts: int = 12, burst_size: int = 30,
             report = run_bursts(plan, on_burst=progress)
             lines = lab.proxy.error_log.lines_since(mark)
             signatures = count_nginx_signatures(lines)
-            race_lines = [line for line in lines if "upstream" in line and "[error]" in line]
+            race_lines = [line for line in lines if is_nginx_race_line(line)]
             runs.append(DemoRun(
                 proxy_idle_s=proxy_idle_s, n_requests=report.counts.n_requests,
                 n_502=report.counts.n_502, n_failed=report.counts.n_failed,
                 n_proxy_log_races=n_races(signatures),
                 outcomes={k: v for k, v in report.counts.as_dict().items() if v},
                 log_signatures=dict(signatures),
-                sample_log_line=race_lines[0] if race_lines else None))
+                sample_log_line=race_lines[0] if race_lines else None,
+                verdict=verdict.status, verdict_message=verdict.message))
         return DemoResult(proxy="nginx", proxy_version=info.proxy_version, upstream="node",
                           upstream_idle_s=UPSTREAM_IDLE_S, upstream_advertised_s=advertised_s,
                           upstream_close_s=close_s, runs=runs)

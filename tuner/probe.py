@@ -97,6 +97,8 @@ class WindowCheck:
     served: bool
     status: int | None
     note: str
+    #: set when the check connection, answered later, was closed before it could be reused
+    closed_first_idle_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class ProbeResult:
     window: WindowCheck | None
     elapsed_s: float
     max_idle_s: float
+    #: False when the server closed after its response (Connection: close, HTTP/1.0)
+    keeps_alive: bool = True
 
     @property
     def closes_s(self) -> list[float]:
@@ -125,10 +129,13 @@ class ProbeResult:
         earlier was already dropped (gunicorn sweeps expired connections about once a
         second, so it can close at 1.1 s yet refuse reuse at 1.0 s)."""
         window = self.window
-        if window is not None and not window.served and window.reused_at_idle_s is not None:
-            closes = [c for c in (self.idle_close_s, window.reused_at_idle_s) if c is not None]
-            return min(closes)
-        return self.idle_close_s
+        candidates = [self.idle_close_s]
+        if window is not None:
+            candidates.append(window.closed_first_idle_s)
+            if not window.served:
+                candidates.append(window.reused_at_idle_s)
+        known = [c for c in candidates if c is not None]
+        return min(known) if known else None
 
     @property
     def close_kind(self) -> str:
@@ -151,6 +158,7 @@ class ProbeResult:
             "effective_close_s": _round(self.effective_close_s),
             "close_kind": self.close_kind,
             "closes_on_next_request": self.closes_on_next_request,
+            "keeps_alive": self.keeps_alive,
             "samples": len(self.samples),
             "sample_closes": [
                 {"idle_close_s": _round(s.idle_close_s), "close_kind": s.close_kind}
@@ -158,6 +166,7 @@ class ProbeResult:
             "window": None if self.window is None else {
                 "reused_at_idle_s": _round(self.window.reused_at_idle_s),
                 "served": self.window.served, "status": self.window.status,
+                "closed_first_idle_s": _round(self.window.closed_first_idle_s),
                 "note": self.window.note},
             "max_idle_s": self.max_idle_s,
             "elapsed_s": _round(self.elapsed_s),
@@ -208,6 +217,7 @@ class _Conn:
         self.sock: socket.socket = raw
         self.answered_at: float | None = None
         self.advertised_s: float | None = None
+        self.kept_alive = True
         self.closed_at: float | None = None
         self.close_kind = "none"
 
@@ -224,6 +234,7 @@ class _Conn:
                              f"{self.target.method} {self.target.path}: {exc!r}") from exc
         self.answered_at = time.monotonic()
         self.advertised_s = parse_keep_alive_timeout(response.getheader("Keep-Alive"))
+        self.kept_alive = not response.will_close
         return response
 
     def poll_closed(self) -> bool:
@@ -232,10 +243,7 @@ class _Conn:
             data = self.sock.recv(4096)
         except (BlockingIOError, ssl.SSLWantReadError):
             return False
-        except ConnectionResetError:
-            self._closed("rst")
-            return True
-        except OSError:
+        except OSError:  # ECONNRESET, or a TLS layer torn down by one
             self._closed("rst")
             return True
         if not data:
@@ -280,10 +288,15 @@ def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
     conns: list[_Conn] = []
     checker: _Conn | None = None
     try:
-        conns = [_Conn(target) for _ in range(n_samples)]
+        for _ in range(n_samples):
+            conns.append(_Conn(target))
         checker = _Conn(target)
         for conn in conns:
             conn.exchange()
+        if not all(conn.kept_alive for conn in conns):
+            return ProbeResult(url=target.url, samples=[
+                Sample(None, "none", c.advertised_s) for c in conns], window=None,
+                elapsed_s=time.monotonic() - started, max_idle_s=max_idle_s, keeps_alive=False)
         time.sleep(stagger_s)
         checker.exchange()
         window = _watch(conns, checker, max_idle_s=max_idle_s, on_progress=on_progress)
@@ -302,53 +315,114 @@ def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
 
 def _watch(conns: list[_Conn], checker: _Conn, *, max_idle_s: float,
            on_progress: Callable[[float, int], None] | None) -> WindowCheck | None:
-    """Wait for every sample to close (or reach `max_idle_s`); reuse `checker` at the first."""
+    """Wait for every sample to close (or reach `max_idle_s`); reuse `checker` at the first.
+
+    Every ready socket of a wake-up is stamped before anything else is done, and the reuse
+    is sent without blocking and its answer read from the same loop, so no close is
+    stamped late because the loop was busy.
+    """
     selector = selectors.DefaultSelector()
     for conn in (*conns, checker):
         conn.sock.setblocking(False)
         selector.register(conn.sock, selectors.EVENT_READ, conn)
     first_answer = min(c.answered_at for c in conns if c.answered_at is not None)
     deadline = first_answer + max_idle_s
-    window: WindowCheck | None = None
+    check = _WindowCheckInFlight(checker)
     n_open = len(conns)
     next_progress = time.monotonic() + 1.0
     try:
-        while n_open:
+        while True:
             now = time.monotonic()
-            if now >= deadline:
+            samples_done = n_open == 0 or now >= deadline
+            if samples_done and check.is_done(now):
                 break
-            for key, _ in selector.select(timeout=min(deadline - now, 1.0)):
+            until = check.reply_deadline if samples_done else deadline
+            for key, _ in selector.select(timeout=min(1.0, max(0.0, until - now))):
                 watched: _Conn = key.data
-                if not watched.poll_closed():
-                    continue
-                selector.unregister(watched.sock)
                 if watched is checker:
-                    assert checker.answered_at is not None and checker.closed_at is not None
-                    if window is None:
-                        age = checker.closed_at - checker.answered_at
-                        window = WindowCheck(None, False, None,
-                                             f"the check connection, answered later, closed "
-                                             f"first, after {age:.3f} s idle")
-                    continue
-                n_open -= 1
-                if window is None:
-                    window = _check_window(checker)
+                    if check.on_readable():
+                        selector.unregister(checker.sock)
+                elif watched.poll_closed():
+                    selector.unregister(watched.sock)
+                    n_open -= 1
+            if n_open < len(conns) and not check.started:
+                check.reuse_now()
             if on_progress is not None and time.monotonic() >= next_progress:
                 on_progress(time.monotonic() - first_answer, n_open)
                 next_progress += 1.0
     finally:
         selector.close()
-    return window
+    return check.result
 
 
-def _check_window(checker: _Conn) -> WindowCheck:
-    assert checker.answered_at is not None
-    if checker.closed_at is not None:
-        return WindowCheck(None, False, None, "the check connection was already closed")
-    reused_at = time.monotonic() - checker.answered_at
-    served, status = _reuse(checker)
-    note = ("served: a connection reused just before the measured close is safe" if served
-            else f"NOT served: the server dropped a connection idle {reused_at:.3f} s, before "
-                 "the measured close; plan with that shorter time")
-    checker.closed_at = checker.closed_at or time.monotonic()  # done with it either way
-    return WindowCheck(reused_at, served, status, note)
+class _WindowCheckInFlight:
+    """The check connection's state: idle, reused (awaiting the answer), or resolved."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
+        self.started = False
+        self.reused_at_idle_s: float | None = None
+        self.reply_deadline = float("inf")
+        self.reply = bytearray()
+        self.result: WindowCheck | None = None
+
+    def is_done(self, now: float) -> bool:
+        if not self.started:
+            return True  # no sample closed: nothing to check against
+        if self.result is None and now >= self.reply_deadline:
+            self.result = WindowCheck(self.reused_at_idle_s, False, None,
+                                      f"NOT served: no answer within {RESPONSE_TIMEOUT_S:g} s")
+        return self.result is not None
+
+    def reuse_now(self) -> None:
+        self.started = True
+        if self.result is not None:
+            return  # it closed before the first sample did
+        assert self.conn.answered_at is not None
+        self.reused_at_idle_s = time.monotonic() - self.conn.answered_at
+        self.reply_deadline = time.monotonic() + RESPONSE_TIMEOUT_S
+        try:
+            self.conn.sock.send(self.conn.target.request_bytes())  # small: fits the buffer
+        except OSError:
+            self._resolve_not_served()
+
+    def on_readable(self) -> bool:
+        """Handle data or a close on the check connection; True once resolved."""
+        if not self.started:
+            if self.conn.poll_closed():
+                assert self.conn.answered_at is not None and self.conn.closed_at is not None
+                age_s = self.conn.closed_at - self.conn.answered_at
+                self.result = WindowCheck(
+                    None, False, None,
+                    f"the check connection, answered later, was closed no later than the "
+                    f"first sample, after only {age_s:.3f} s idle (the server closes by a "
+                    "periodic sweep); plan with that shorter time", closed_first_idle_s=age_s)
+                return True
+            return False
+        try:
+            data = self.conn.sock.recv(4096)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._resolve_not_served()
+            return True
+        self.reply += data
+        if b"\r\n" not in self.reply:
+            return False
+        status_line = bytes(self.reply).split(b"\r\n", 1)[0].split()
+        if len(status_line) >= 2 and status_line[0].startswith(b"HTTP/") \
+                and status_line[1].isdigit():
+            self.result = WindowCheck(
+                self.reused_at_idle_s, True, int(status_line[1]),
+                "served: a connection reused just before the measured close is safe")
+        else:
+            self._resolve_not_served()
+        return True
+
+    def _resolve_not_served(self) -> None:
+        self.result = WindowCheck(
+            self.reused_at_idle_s, False, None,
+            f"NOT served: the server dropped a connection idle {self.reused_at_idle_s or 0:.3f} "
+            "s, before the measured close; plan with that shorter time")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import TYPE_CHECKING
 
 from tuner.durations import format_seconds
@@ -17,8 +18,11 @@ def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
                   is not None else "nothing (no Keep-Alive timeout header)")
     lines = [f"  advertised  {advertised}"]
     closes = result.closes_s
+    if not result.keeps_alive:
+        lines.append("  measured    no keep-alive: the server closes every connection after "
+                     "its response")
     if closes:
-        spread = (f"{closes[0]:.3f} s min / {closes[len(closes) // 2]:.3f} s median / "
+        spread = (f"{closes[0]:.3f} s min / {statistics.median(closes):.3f} s median / "
                   f"{closes[-1]:.3f} s max")
         lines.append(f"  measured    idle close after {spread}  "
                      f"({result.close_kind.upper()}, {len(closes)} of {len(result.samples)} "
@@ -27,7 +31,7 @@ def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
         lines.append(f"  measured    connections stayed open {format_seconds(result.max_idle_s)}"
                      " but a request sent on them then was DROPPED: the server closes only "
                      "when the next request arrives")
-    elif not closes:
+    elif not closes and result.keeps_alive:
         lines.append(f"  measured    never closed: connections stayed open and served after "
                      f"{format_seconds(result.max_idle_s)} idle (--max-idle)")
     if result.window is not None:
@@ -47,8 +51,7 @@ def render_demo(result: DemoResult) -> str:
     rows = [f"{'nginx idle timeout':>20}  {'requests':>8}  {'502':>5}  {'failed':>6}  "
             f"{'log races':>9}  verdict"]
     for run in result.runs:
-        unsafe = run.proxy_idle_s >= result.upstream_close_s
-        verdict = ("UNSAFE: proxy outlives the upstream's close" if unsafe
+        verdict = ("UNSAFE: proxy outlives the upstream's close" if run.verdict == "unsafe"
                    else "safe: proxy gives up idle connections first")
         rows.append(f"{format_seconds(run.proxy_idle_s):>20}  {run.n_requests:>8}  "
                     f"{run.n_502:>5}  {run.n_failed:>6}  {run.n_proxy_log_races:>9}  {verdict}")
@@ -61,7 +64,9 @@ def render_demo(result: DemoResult) -> str:
     if safe_run.n_failed:
         rows.append("\nFailures with the safe setting: they do not follow the timeouts; look "
                     "for another cause (CPU starvation, a crashed upstream).")
+    advertised = ("advertises nothing" if result.upstream_advertised_s is None
+                  else f"advertises {result.upstream_advertised_s:g} s")
     rows.append(f"\nRule: the proxy's idle timeout must be below the upstream's REAL close time "
-                f"({result.upstream_close_s:.2f} s here, not the advertised "
-                f"{result.upstream_advertised_s or 0:g} s) minus a margin.")
+                f"({result.upstream_close_s:.2f} s here; Node {advertised}) minus a margin.\n"
+                f"{unsafe_run.verdict_message}.")
     return "\n".join(rows)

@@ -8,6 +8,7 @@ is counted apart so it is never mistaken for a timeout mismatch.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 
@@ -22,6 +23,13 @@ NGINX_OTHER_SIGNATURES = {
 }
 #: HAProxy httplog termination state of a server-side close/abort (first two characters)
 HAPROXY_RACE_STATES = ("SH", "SD")
+# httplog: ... status bytes captured_request_cookie captured_response_cookie STATE ...
+_HAPROXY_STATE = re.compile(r"\s-?\d{1,3}\s+-?\d+\s+\S+\s+\S+\s+([A-Za-z-]{4})\s")
+
+
+def is_nginx_race_line(line: str) -> bool:
+    """True if an nginx error-log line is a keep-alive race signature."""
+    return any(needle in line for needle in NGINX_RACE_SIGNATURES.values())
 
 
 def count_nginx_signatures(lines: Iterable[str]) -> Counter[str]:
@@ -44,10 +52,9 @@ def count_haproxy_signatures(lines: Iterable[str]) -> Counter[str]:
     """
     counts: Counter[str] = Counter()
     for line in lines:
-        for field in line.split():
-            if len(field) == 4 and field[:2] in HAPROXY_RACE_STATES and field[2:].isascii():
-                counts[field[:2]] += 1
-                break
+        match = _HAPROXY_STATE.search(line)
+        if match and match.group(1)[:2] in HAPROXY_RACE_STATES:
+            counts[match.group(1)[:2]] += 1
     return counts
 
 

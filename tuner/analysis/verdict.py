@@ -66,13 +66,19 @@ class Verdict:
 
 
 def judge(*, proxy_idle_s: float, upstream_close_s: float | None, max_idle_s: float,
-          closes_on_next_request: bool = False, margin_s: float | None = None) -> Verdict:
+          closes_on_next_request: bool = False, keeps_alive: bool = True,
+          margin_s: float | None = None) -> Verdict:
     """Judge a proxy idle timeout against a probe's result.
 
     `upstream_close_s` is None when the upstream did not close within `max_idle_s`;
     `closes_on_next_request` when it kept the socket open but dropped a request sent on it.
     """
     upstream_min_s = smallest_safe_upstream_close_s(proxy_idle_s, margin_s)
+    if not keeps_alive:
+        return Verdict("safe", proxy_idle_s, None, margin_s or 0.0, None, upstream_min_s,
+                       "the upstream closes every connection after its response (no "
+                       "keep-alive), so the proxy never reuses one and this race cannot happen "
+                       "(at the cost of a new connection per request)")
     if closes_on_next_request:
         return Verdict("unsafe", proxy_idle_s, None, margin_s or 0.0, None, upstream_min_s,
                        f"the upstream keeps idle connections open but drops the next request "

@@ -89,8 +89,8 @@ class HaproxyProxy(Proxy):
         return render_haproxy_cfg(listen_port=self.listen_port, upstream_port=self.upstream_port,
                                   proxy_idle_s=proxy_idle_s, generation=self.generation)
 
-    def check_argv(self) -> list[str]:
-        return [self.binary, "-c", "-q", "-f", str(self.conf_path)]
+    def check_argv(self, conf_path: Path) -> list[str]:
+        return [self.binary, "-c", "-q", "-f", str(conf_path)]
 
     def run_argv(self) -> list[str]:
         return [self.binary, "-W", "-db", "-f", str(self.conf_path)]

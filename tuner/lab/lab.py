@@ -9,6 +9,7 @@ SIGTERM turned into an exception by the CLI) stops them all and removes the dire
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,14 +174,24 @@ class Lab:
         return None
 
     def close(self) -> None:
-        """Stop every process (proxy first, so it stops sending) and remove the workdir."""
+        """Stop every process (proxy first, so it stops sending) and remove the workdir.
+
+        Ctrl-C and SIGTERM are held back until this is done: a second Ctrl-C in the middle
+        of teardown must not leave the upstream running.
+        """
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            if self.proxy is not None:
-                self.proxy.stop()
-            if self.upstream is not None:
-                self.upstream.stop()
+            try:
+                if self.proxy is not None:
+                    self.proxy.stop()
+            finally:
+                try:
+                    if self.upstream is not None:
+                        self.upstream.stop()
+                finally:
+                    self.proxy = None
+                    self.upstream = None
+                    if not self.keep_workdir:
+                        shutil.rmtree(self.workdir, ignore_errors=True)
         finally:
-            self.proxy = None
-            self.upstream = None
-            if not self.keep_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)

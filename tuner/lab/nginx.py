@@ -95,15 +95,15 @@ class NginxProxy(Proxy):
             generation=self.generation, run_as_root=os.geteuid() == 0,
             client_idle_s=self.client_idle_s)
 
-    def _argv(self, *extra: str) -> list[str]:
-        return [self.binary, "-p", str(self.workdir), "-c", str(self.conf_path),
+    def _argv(self, conf_path: Path, *extra: str) -> list[str]:
+        return [self.binary, "-p", str(self.workdir), "-c", str(conf_path),
                 "-e", str(self.error_log.path), *extra]
 
-    def check_argv(self) -> list[str]:
-        return self._argv("-t", "-q")
+    def check_argv(self, conf_path: Path) -> list[str]:
+        return self._argv(conf_path, "-t", "-q")
 
     def run_argv(self) -> list[str]:
-        return self._argv()
+        return self._argv(self.conf_path)
 
     def version(self) -> str:
         out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)

@@ -2,8 +2,10 @@
 
 Design decision: every server runs in a session (process group) of its own, so stopping it
 signals the whole tree (nginx workers, gunicorn workers, a shell's children). On Linux each
-child also gets PR_SET_PDEATHSIG=SIGTERM, so even a `kill -9` of `tuner` takes its servers
-down with it.
+direct child also gets PR_SET_PDEATHSIG=SIGTERM, so even a `kill -9` of `tuner` takes the
+proxies and built-in upstreams down with it (a proxy master stops its own workers); the
+children of an `--upstream-cmd` shell are only reached through the process group, which
+needs `tuner` alive.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tuner.errors import MissingProgramError, ProcessStartError
+from tuner.errors import LabError, MissingProgramError, ProcessStartError
 
 LOOPBACK = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
@@ -45,10 +47,22 @@ def require_program(program: str, *, package: str) -> str:
     return found
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc Linux: no parent-death signal, teardown still by group
+        return None
+
+
+# Loaded here, in the parent: loading a library between fork and exec is not safe.
+_LIBC = _load_libc()
+
+
+def _die_with_parent(parent_pid: int) -> None:  # pragma: no cover - runs in the child
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def tail(path: Path, n_lines: int = 5) -> str:
@@ -80,10 +94,12 @@ class ManagedProcess:
         return self._popen.pid
 
     def start(self) -> None:
+        parent_pid = os.getpid()
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self._popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.cwd,
-                env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+                env=self.env, start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(parent_pid),
             )
 
     def exit_status(self) -> int | None:
@@ -133,17 +149,41 @@ class ManagedProcess:
             os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout=grace_s)
-        _wait_group_gone(pgid, timeout_s=grace_s)
+        if not _wait_group_gone(pgid, timeout_s=grace_s):
+            raise LabError(f"{self.name} (process group {pgid}) still has processes "
+                           f"{grace_s:g}s after SIGKILL; list them with `ps -g {pgid}`")
 
 
-def _wait_group_gone(pgid: int, *, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def _group_alive(pgid: int) -> bool:
+    """True while a process of group `pgid` runs. Zombies do not count: an orphaned
+    worker waits as a zombie until its new parent (init, or a subreaper) reaps it."""
+    proc = Path("/proc")
+    if not proc.is_dir():
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
-            return
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields after the command: state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return True
         time.sleep(0.02)
+    return False
 
 
 def is_listening(port: int, host: str = LOOPBACK) -> bool:

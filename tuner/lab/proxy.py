@@ -22,6 +22,8 @@ GENERATION_PATH = "/__tuner/generation"
 #: The client side (load generator -> proxy) must never be the hop that races, so the proxy
 #: keeps idle client connections far longer than any trial runs.
 CLIENT_IDLE_S = 600.0
+#: `nginx -t` / `haproxy -c` take milliseconds; a hang means something else is wrong.
+CHECK_TIMEOUT_S = 30.0
 
 
 class Proxy(ABC):
@@ -50,8 +52,8 @@ class Proxy(ABC):
         """The configuration text for this generation."""
 
     @abstractmethod
-    def check_argv(self) -> list[str]:
-        """The proxy's own config check."""
+    def check_argv(self, conf_path: Path) -> list[str]:
+        """The proxy's own check of the config file at `conf_path`."""
 
     @abstractmethod
     def run_argv(self) -> list[str]:
@@ -71,13 +73,24 @@ class Proxy(ABC):
         return f"http://{LOOPBACK}:{self.listen_port}"
 
     def _write_conf(self, proxy_idle_s: float) -> None:
+        """Render, let the proxy check it, and only then put it in place: a rejected config
+        never replaces the one in force (it is kept beside it, as `*.rejected`)."""
         self.generation += 1
-        self.conf_path.write_text(self.render(proxy_idle_s))
-        checked = subprocess.run(self.check_argv(), capture_output=True, text=True, timeout=30)
+        candidate = self.conf_path.with_name(self.conf_path.name + ".candidate")
+        candidate.write_text(self.render(proxy_idle_s))
+        try:
+            checked = subprocess.run(self.check_argv(candidate), capture_output=True, text=True,
+                                     timeout=CHECK_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise ProxyConfigError(f"{self.name} did not finish checking {candidate} within "
+                                   f"{CHECK_TIMEOUT_S:g}s") from exc
         if checked.returncode != 0:
+            rejected = candidate.rename(candidate.with_suffix(".rejected"))
+            self.generation -= 1
             message = (checked.stderr or checked.stdout).strip()
-            raise ProxyConfigError(
-                f"{self.name} rejected its configuration {self.conf_path}:\n{message}")
+            raise ProxyConfigError(f"{self.name} rejected its configuration {rejected}:\n"
+                                   f"{message}")
+        candidate.replace(self.conf_path)
 
     def _wait_generation(self, *, timeout_s: float) -> None:
         assert self._process is not None

@@ -115,8 +115,11 @@ def command_upstream(template: str) -> Upstream:
     if not fields & {"idle_s", "idle_ms"}:
         raise ConfigError(f"--upstream-cmd {template!r} has neither {{idle_s}} nor {{idle_ms}}; "
                           "the lab must set your server's idle keep-alive timeout")
-    if not shlex.split(template):
-        raise ConfigError("--upstream-cmd is empty")
+    try:
+        shlex.split(template)
+    except ValueError as exc:
+        raise ConfigError(f"--upstream-cmd {template!r} cannot be parsed as a shell command: "
+                          f"{exc}; check its quotes") from None
     option = "{idle_ms} (milliseconds)" if "idle_ms" in fields else "{idle_s} (seconds)"
     return Upstream("command", option, command_template=template)
 

@@ -20,6 +20,8 @@ Every run is bounded by `n_bursts` and `max_seconds` and stops by itself.
 from __future__ import annotations
 
 import http.client
+import ipaddress
+import selectors
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +31,14 @@ from urllib.parse import urlsplit
 from tuner.errors import ConfigError, LoadError
 from tuner.load.outcomes import Outcome, OutcomeCounts, outcome_of_status
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,7 @@ class BurstPlan:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        if parts.scheme != "http" or not (host in _LOOPBACK or host.startswith("127.")):
+        if parts.scheme != "http" or not _is_loopback(parts.hostname or ""):
             raise ConfigError(f"the lab's burst load only targets http:// on loopback "
                               f"(127.0.0.0/8, ::1); {self.url!r} is not")
         if not self.gaps_s or min(self.gaps_s) <= 0:
@@ -96,13 +104,15 @@ class _BurstClient:
                 f"Content-Type: application/json\r\nContent-Length: {len(plan.body)}\r\n\r\n")
         self.request = head.encode() + plan.body
         self.conns: list[_Connection | None] = [None] * plan.burst_size
+        self.last_connect_error: OSError | None = None
 
     def _connect(self, i: int) -> _Connection | None:
         conn = self.conns[i]
         if conn is None:
             try:
                 conn = _Connection(self.host, self.port, self.plan.request_timeout_s)
-            except OSError:
+            except OSError as exc:
+                self.last_connect_error = exc
                 return None
             self.conns[i] = conn
         return conn
@@ -114,9 +124,11 @@ class _BurstClient:
         starts its idle timers when it answers, so the next gap is measured from there
         (measured from the last answer, it would drift with the time spent reading).
         """
+        # Connections dropped by the last burst are re-opened first, so the sends below
+        # stay one tight loop.
+        ready = [self._connect(i) for i in range(len(self.conns))]
         sent: list[_Connection | None] = []
-        for i in range(len(self.conns)):
-            conn = self._connect(i)
+        for i, conn in enumerate(ready):
             if conn is not None:
                 try:
                     conn.sock.sendall(self.request)
@@ -124,19 +136,18 @@ class _BurstClient:
                     self._drop(i)
                     conn = None
             sent.append(conn)
+        first_answer_at = _first_readable_at([c for c in sent if c is not None],
+                                             timeout_s=self.plan.request_timeout_s)
         outcomes = []
-        first_answer_at: float | None = None
         for i, conn in enumerate(sent):
             if conn is None:
                 outcomes.append(Outcome.CONNECT_ERROR)
                 continue
             outcome, keep = self._read(conn)
-            if first_answer_at is None:
-                first_answer_at = time.monotonic()
             if not keep:
                 self._drop(i)
             outcomes.append(outcome)
-        return outcomes, first_answer_at if first_answer_at is not None else time.monotonic()
+        return outcomes, first_answer_at
 
     def _read(self, conn: _Connection) -> tuple[Outcome, bool]:
         response = http.client.HTTPResponse(conn.sock, method=self.plan.method)
@@ -161,6 +172,16 @@ class _BurstClient:
             self._drop(i)
 
 
+def _first_readable_at(conns: list[_Connection], *, timeout_s: float) -> float:
+    """When the first answer (or close) arrived on any of `conns`."""
+    if conns:
+        with selectors.DefaultSelector() as selector:
+            for conn in conns:
+                selector.register(conn.sock, selectors.EVENT_READ)
+            selector.select(timeout=timeout_s)
+    return time.monotonic()
+
+
 def run_bursts(plan: BurstPlan, *, on_burst: Callable[[int, OutcomeCounts], None] | None = None
                ) -> BurstReport:
     """Send the bursts; bounded by `plan.n_bursts` and `plan.max_seconds`."""
@@ -173,6 +194,9 @@ def run_bursts(plan: BurstPlan, *, on_burst: Callable[[int, OutcomeCounts], None
     try:
         for i in range(plan.n_bursts):
             outcomes, answered_at = client.burst()
+            if all(outcome is Outcome.CONNECT_ERROR for outcome in outcomes):
+                raise LoadError(f"could not connect to {plan.url} at all "
+                                f"({client.last_connect_error}); is the proxy running?")
             for outcome in outcomes:
                 counts.add(outcome, gap_s=gap_s)
             n_done = i + 1
@@ -184,6 +208,4 @@ def run_bursts(plan: BurstPlan, *, on_burst: Callable[[int, OutcomeCounts], None
             time.sleep(max(0.0, answered_at + gap_s - time.monotonic()))
     finally:
         client.close()
-    if counts.total[Outcome.CONNECT_ERROR] == counts.n_requests:
-        raise LoadError(f"every connection to {plan.url} was refused: is the proxy running?")
     return BurstReport(counts=counts, n_bursts=n_done, elapsed_s=time.monotonic() - started)

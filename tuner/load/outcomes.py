@@ -35,7 +35,10 @@ def outcome_of_status(status: int) -> Outcome:
 
 @dataclass
 class OutcomeCounts:
-    """Counts of outcomes, overall and per idle gap (seconds, rounded to the millisecond)."""
+    """Counts of outcomes, overall and per planned idle gap (seconds, to the millisecond).
+
+    The gap is the planned one; the sleep that makes it is accurate to well under a
+    millisecond on an idle machine, far below the gap steps the lab uses (2 ms)."""
 
     total: Counter[Outcome] = field(default_factory=Counter)
     by_gap_s: dict[float, Counter[Outcome]] = field(default_factory=dict)
