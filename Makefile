@@ -11,5 +11,5 @@ test: setup lint
 	.venv/bin/pytest
 
 lint: setup
-	.venv/bin/ruff check tuner tests bench
+	.venv/bin/ruff check tuner tests bench locustfiles
 	.venv/bin/mypy

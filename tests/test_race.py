@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
+from tuner.analysis.outcomes import Outcome
 from tuner.analysis.signatures import count_nginx_signatures, n_races
 from tuner.lab import Lab, get_upstream
 from tuner.load.bursts import BurstPlan, BurstReport, run_bursts, straddling_gaps
-from tuner.load.outcomes import Outcome
 from tuner.probe import parse_target, probe
 
 pytestmark = pytest.mark.race

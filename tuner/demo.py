@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from tuner.analysis.outcomes import OutcomeCounts
 from tuner.analysis.signatures import count_nginx_signatures, is_nginx_race_line, n_races
 from tuner.analysis.verdict import judge, largest_safe_proxy_idle_s
 from tuner.durations import format_seconds
 from tuner.errors import ProbeError
 from tuner.lab import Lab, get_upstream
 from tuner.load.bursts import BurstPlan, run_bursts, straddling_gaps
-from tuner.load.outcomes import OutcomeCounts
 from tuner.probe import parse_target, probe
 
 UPSTREAM_IDLE_S = 1.0

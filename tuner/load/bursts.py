@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from tuner.analysis.outcomes import Outcome, OutcomeCounts, outcome_of_status
 from tuner.errors import ConfigError, LoadError
-from tuner.load.outcomes import Outcome, OutcomeCounts, outcome_of_status
 
 
 def _is_loopback(host: str) -> bool:
