@@ -14,12 +14,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from tuner import __version__
 from tuner.durations import EXAMPLES, format_seconds, parse_duration
 from tuner.errors import ConfigError, LabError, TunerError
 from tuner.lab import BUILTIN_UPSTREAMS, PROXIES, Lab, Upstream, command_upstream, get_upstream
+
+if TYPE_CHECKING:
+    from tuner.experiment.runner import ExperimentRun
+    from tuner.experiment.spec import ExperimentSpec
 
 EXIT_UNSAFE = 6
 EXIT_INTERRUPTED = 130
@@ -33,6 +39,7 @@ EXIT_CODES = """exit codes:
   4    load generation failed
   5    a server could not be probed (unreachable, not HTTP/1.1)
   6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe
+  7    the results store cannot be used (not ours, newer schema, locked, disk full)
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
 
 
@@ -159,6 +166,64 @@ def build_parser() -> argparse.ArgumentParser:
                        help="safety margin (default: the larger of 1s and 10%%)")
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.set_defaults(handler=cmd_probe)
+
+    experiment = commands.add_parser(
+        "experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="sweep proxy x upstream idle timeouts under race-hunting load",
+        description="Run a grid of trials on the local lab: for each proxy idle x upstream\n"
+                    "idle value (and repeat), in an order shuffled by the seed, set both\n"
+                    "timeouts, probe the upstream's real close time, drive Locust's\n"
+                    "synchronized bursts whose idle gaps straddle it, count the failures\n"
+                    "and the proxy's error-log signatures, and record the trial in the\n"
+                    "results store before the next one starts. A trial stops early once it\n"
+                    "is decisively unsafe (3 race failures) or safe (200 reused requests, no\n"
+                    "failure, every gap tried); else at its budget.\n\n"
+                    "Flags override the spec file's fields of the same name.",
+        epilog="examples:\n"
+               "  tuner experiment --proxy nginx --upstream node --proxy-idle 1s,3s "
+               "--upstream-idle 1s\n"
+               "  tuner experiment spec.yaml --db results.db\n"
+               "  tuner experiment --db results.db --resume     # after Ctrl-C or a crash\n\n"
+               "verdicts: unsafe (race failures seen), safe (decisively none), inconclusive\n"
+               "(budget ran out first), invalid (the lab failed: never a keep-alive result)\n\n"
+               + EXIT_CODES)
+    experiment.add_argument("spec", nargs="?", metavar="SPEC.yaml",
+                            help="experiment spec (see tuner/experiment/spec.py for fields)")
+    experiment.add_argument("--proxy", choices=sorted(PROXIES))
+    experiment.add_argument("--upstream", metavar="NAME",
+                            help=f"built-in upstream: {', '.join(BUILTIN_UPSTREAMS)}")
+    experiment.add_argument("--upstream-cmd", metavar="COMMAND",
+                            help="your own server: a command with {port} and {idle_s}/{idle_ms}")
+    experiment.add_argument("--proxy-idle", metavar="D,D,...",
+                            help="proxy idle timeouts of the grid, e.g. 500ms,10s")
+    experiment.add_argument("--upstream-idle", metavar="D,D,...",
+                            help="upstream idle timeouts of the grid, e.g. 1s,5s")
+    experiment.add_argument("--repeats", type=int, metavar="N")
+    experiment.add_argument("--max-seconds", metavar="DURATION", help="budget per trial")
+    experiment.add_argument("--max-requests", type=int, metavar="N", help="budget per trial")
+    experiment.add_argument("--gaps", metavar="D,D,...",
+                            help="idle gaps to cycle (default: sweep around the measured close)")
+    experiment.add_argument("--methods", metavar="MIX", help="e.g. POST or POST:3,GET:1")
+    experiment.add_argument("--burst-size", type=int, metavar="N")
+    experiment.add_argument("--workers", type=int, metavar="N",
+                            help="Locust workers (master/worker mode); 0: one process")
+    experiment.add_argument("--seed", type=int, metavar="N")
+    experiment.add_argument("--db", metavar="PATH", help="results store (default results.db)")
+    experiment.add_argument("--resume", action="store_true",
+                            help="continue the newest experiment in --db, skipping finished "
+                                 "trials")
+    experiment.add_argument("--json", action="store_true", help="print one JSON object")
+    experiment.set_defaults(handler=cmd_experiment)
+
+    results = commands.add_parser("results", help="list the trials of a results store",
+                                  description="List the trials of the newest (or --id) "
+                                              "experiment in a results store.",
+                                  epilog=EXIT_CODES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    results.add_argument("db", metavar="DB")
+    results.add_argument("--id", dest="experiment_id", help="experiment id")
+    results.add_argument("--json", action="store_true", help="print one JSON object")
+    results.set_defaults(handler=cmd_results)
     return parser
 
 
@@ -243,6 +308,82 @@ def cmd_probe(args: argparse.Namespace) -> int:
         from tuner.render import render_probe
         print(render_probe(result, verdict))
     return EXIT_UNSAFE if verdict is not None and verdict.status == "unsafe" else 0
+
+
+def _experiment_spec(args: argparse.Namespace) -> ExperimentSpec:
+    from tuner.experiment.spec import ExperimentSpec, load_spec, parse_spec
+
+    spec = load_spec(Path(args.spec)) if args.spec else ExperimentSpec()
+    flags = {"proxy": args.proxy, "upstream": args.upstream, "proxy_idle": args.proxy_idle,
+             "upstream_idle": args.upstream_idle, "repeats": args.repeats,
+             "max_seconds": args.max_seconds, "max_requests": args.max_requests,
+             "gaps": args.gaps, "methods": args.methods, "burst_size": args.burst_size,
+             "workers": args.workers, "seed": args.seed, "db": args.db}
+    if args.upstream_cmd is not None:
+        flags["upstream_cmd"] = args.upstream_cmd
+    return parse_spec({k: v for k, v in flags.items() if v is not None}, base=spec)
+
+
+def _experiment_document(run: ExperimentRun) -> dict[str, object]:
+    return {"experiment_id": run.experiment_id, "db": str(run.db),
+            "n_planned": run.n_planned,
+            "trials": [dict(t.record, cell=t.cell) for t in run.trials]}
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from tuner.experiment.runner import run_experiment
+    from tuner.render import render_trials
+
+    spec = _experiment_spec(args)
+    say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
+    tick = None
+    if not args.json and sys.stderr.isatty():
+        def tick(line: str) -> None:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+    try:
+        run = run_experiment(spec, resume=args.resume, say=say, tick=tick)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the trials finished so far are in {spec.db}; continue with\n"
+              f"  tuner experiment --db {spec.db} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(_experiment_document(run), indent=2))
+    else:
+        print(f"\nexperiment {run.experiment_id}: {len(run.trials)} of {run.n_planned} "
+              f"trials in {run.db}\n")
+        print(render_trials([t.record for t in run.trials]))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from tuner.experiment.runner import ExperimentRun
+    from tuner.experiment.spec import ExperimentSpec
+    from tuner.render import render_trials
+    from tuner.store import ResultsStore
+
+    db = Path(args.db)
+    if not db.exists():
+        raise ConfigError(f"results store {db} does not exist; run `tuner experiment --db {db}`")
+    with ResultsStore(db) as store:
+        experiment = store.experiment(args.experiment_id)
+        if experiment is None:
+            raise ConfigError(f"{db} holds no experiment"
+                              + (f" with id {args.experiment_id!r}" if args.experiment_id else ""))
+        trials = store.trials(experiment["id"])
+    spec = ExperimentSpec.from_stored(experiment["spec"])
+    run = ExperimentRun(experiment["id"], db, spec, trials,
+                        len(spec.cells()) * spec.repeats)
+    if args.json:
+        document = _experiment_document(run)
+        document.update(versions=experiment["versions"], host=experiment["host"],
+                        spec=experiment["spec"])
+        print(json.dumps(document, indent=2))
+    else:
+        print(f"experiment {run.experiment_id} on {experiment['host']}: {len(trials)} of "
+              f"{run.n_planned} trials; versions: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(experiment["versions"].items())))
+        print(render_trials([t.record for t in trials]))
+    return 0
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tuner.durations import format_seconds
 
@@ -69,4 +70,23 @@ def render_demo(result: DemoResult) -> str:
     rows.append(f"\nRule: the proxy's idle timeout must be below the upstream's REAL close time "
                 f"({result.upstream_close_s:.2f} s here; Node {advertised}) minus a margin.\n"
                 f"{unsafe_run.verdict_message}.")
+    return "\n".join(rows)
+
+
+def render_trials(trials: Sequence[Mapping[str, Any]]) -> str:
+    """The table of an experiment's trials, sorted by cell."""
+    header = (f"{'proxy idle':>10}  {'upstream idle':>13}  {'closes at':>9}  {'requests':>8}  "
+              f"{'502':>4}  {'failed':>6}  {'log races':>9}  verdict")
+    rows = [header]
+    for t in sorted(trials, key=lambda t: (t["proxy_idle_s"], t["upstream_idle_s"],
+                                           t.get("repeat", 0))):
+        close = t.get("upstream_close_s")
+        verdict = t["verdict"].upper() if t["verdict"] == "unsafe" else t["verdict"]
+        if t["verdict"] == "invalid":
+            verdict += f" ({t.get('invalid_reason')})"
+        rows.append(
+            f"{format_seconds(t['proxy_idle_s']):>10}  {format_seconds(t['upstream_idle_s']):>13}"
+            f"  {f'{close:.3f}s' if close is not None else '-':>9}  {t.get('n_requests', 0):>8}"
+            f"  {t.get('n_502', 0):>4}  {t.get('n_failed', 0):>6}  "
+            f"{t.get('n_proxy_log_races', 0):>9}  {verdict}")
     return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Experiments: a grid of proxy x upstream idle timeouts, one trial per cell and repeat."""

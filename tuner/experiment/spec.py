@@ -1,0 +1,200 @@
+"""The experiment spec: a YAML file with the same fields as `tuner experiment`'s flags.
+
+    proxy: nginx                    # nginx | haproxy
+    upstream: node                  # node | uvicorn | gunicorn | hypercorn
+    # upstream_cmd: "node app.js --port {port} --keep-alive-ms {idle_ms}"
+    proxy_idle: [1s, 3s]            # the grid: proxy idle values x upstream idle values
+    upstream_idle: [1s]
+    repeats: 1
+    max_seconds: 40                 # per-trial budget
+    max_requests: 0                 # per-trial budget, 0: none
+    gaps: around_close              # or a list of durations: [1.99s, 2s, 2.01s]
+    gap_half_width: 9ms             # around_close: sweep the measured close +- this
+    gap_steps: 7
+    methods: POST                   # or POST:3,GET:1
+    burst_size: 30
+    workers: 0                      # 0: one Locust process; N: Locust master + N workers
+    seed: 1
+    db: results.db
+    unsafe_after: 3                 # stopping rule, see tuner.analysis.stopping
+    safe_after: 200
+
+Design decision: parsing is pure (a dict in, a frozen `ExperimentSpec` out) and every error
+names the key and the bad value, as `proxy_idle[1]: '10 parsecs' is not a duration`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.analysis.stopping import StopRule
+from tuner.durations import EXAMPLES, parse_duration
+from tuner.errors import ConfigError, TunerError
+
+PROXIES = ("nginx", "haproxy")
+UPSTREAMS = ("node", "uvicorn", "gunicorn", "hypercorn")
+AROUND_CLOSE = "around_close"
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    proxy: str = "nginx"
+    upstream: str = "node"
+    upstream_cmd: str | None = None
+    proxy_idle_s: tuple[float, ...] = (1.0, 3.0)
+    upstream_idle_s: tuple[float, ...] = (1.0,)
+    repeats: int = 1
+    max_seconds: float = 40.0
+    max_requests: int = 0
+    #: None: sweep around each trial's measured close; else these gaps, cycled
+    gaps_s: tuple[float, ...] | None = None
+    gap_half_width_s: float = 0.009
+    gap_steps: int = 7
+    methods: str = "POST"
+    burst_size: int = 30
+    workers: int = 0
+    seed: int = 1
+    db: str = "results.db"
+    stop: StopRule = field(default_factory=StopRule)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the results store (and for comparing specs on --resume)."""
+        data = dataclasses.asdict(self)
+        data["stop"] = dataclasses.asdict(self.stop)
+        return data
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> ExperimentSpec:
+        values = dict(data)
+        values["stop"] = StopRule(**values.get("stop", {}))
+        for key in ("proxy_idle_s", "upstream_idle_s", "gaps_s"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def cells(self) -> list[tuple[float, float]]:
+        return [(p, u) for p in self.proxy_idle_s for u in self.upstream_idle_s]
+
+
+def _bad(key: str, value: object, why: str) -> ConfigError:
+    return ConfigError(f"{key}: {value!r} {why}")
+
+
+def _duration(key: str, value: object) -> float:
+    if isinstance(value, bool):
+        raise _bad(key, value, f"is not a duration; write {EXAMPLES}")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise _bad(key, value, "must be greater than zero")
+        return float(value)
+    if not isinstance(value, str):
+        raise _bad(key, value, f"is not a duration; write {EXAMPLES}")
+    try:
+        return parse_duration(value, what=key)
+    except ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _durations(key: str, value: object) -> tuple[float, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise _bad(key, value, "must be a duration or a non-empty list of durations")
+    return tuple(_duration(f"{key}[{i}]", item) for i, item in enumerate(items))
+
+
+def _int(key: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(key, value, "must be a whole number")
+    if value < minimum:
+        raise _bad(key, value, f"must be at least {minimum}")
+    return value
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _bad(key, value, f"is not one of {', '.join(choices)}")
+    return str(value)
+
+
+_FIELDS = ("proxy", "upstream", "upstream_cmd", "proxy_idle", "upstream_idle", "repeats",
+           "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "methods",
+           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after")
+
+
+def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -> ExperimentSpec:
+    """Apply the fields of `data` (YAML or flags, same names) over `base` (or the defaults)."""
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown field; the fields are {', '.join(_FIELDS)}")
+    spec = base or ExperimentSpec()
+    changes: dict[str, Any] = {}
+    stop = spec.stop
+    for key, value in data.items():
+        if value is None and key != "upstream_cmd":
+            continue
+        if key == "proxy":
+            changes["proxy"] = _choice(key, value, PROXIES)
+        elif key == "upstream":
+            changes["upstream"] = _choice(key, value, UPSTREAMS)
+        elif key == "upstream_cmd":
+            if value is not None and not isinstance(value, str):
+                raise _bad(key, value, "must be a command line with {port} and {idle_s}")
+            changes["upstream_cmd"] = value
+        elif key in ("proxy_idle", "upstream_idle"):
+            changes[f"{key}_s"] = _durations(key, value)
+        elif key in ("max_seconds",):
+            changes["max_seconds"] = _duration(key, value)
+        elif key == "gap_half_width":
+            changes["gap_half_width_s"] = _duration(key, value)
+        elif key == "gaps":
+            changes["gaps_s"] = None if value == AROUND_CLOSE else _durations(key, value)
+        elif key in ("repeats", "burst_size", "gap_steps"):
+            changes[key] = _int(key, value, minimum=1)
+        elif key in ("max_requests", "workers", "seed"):
+            changes[key] = _int(key, value, minimum=0)
+        elif key == "methods":
+            changes["methods"] = _method_mix(key, value)
+        elif key == "db":
+            if not isinstance(value, str) or not value:
+                raise _bad(key, value, "must be a file path")
+            changes["db"] = value
+        elif key == "unsafe_after":
+            stop = dataclasses.replace(stop, unsafe_after_failures=_int(key, value, minimum=0))
+        elif key == "safe_after":
+            stop = dataclasses.replace(stop, safe_after_requests=_int(key, value, minimum=0))
+    return dataclasses.replace(spec, **changes, stop=stop)
+
+
+def _method_mix(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _bad(key, value, "must be a method mix such as POST or POST:3,GET:1")
+    for part in value.split(","):
+        method, _, weight = part.strip().partition(":")
+        if not method.isalpha() or (weight and not weight.isdigit()):
+            raise _bad(key, value, "must be a method mix such as POST or POST:3,GET:1")
+    return value.upper()
+
+
+def load_spec(path: Path) -> ExperimentSpec:
+    """Read a YAML spec file; errors name the file and the key."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"spec file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the spec must be a mapping of fields, "
+                          f"got {type(data).__name__}")
+    try:
+        return parse_spec(data)
+    except TunerError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
