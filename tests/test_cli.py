@@ -99,14 +99,15 @@ def test_help_teaches_the_rule_and_exit_codes() -> None:
 
 
 @pytest.mark.race
-def test_demo_json() -> None:
-    result = subprocess.run([*TUNER, "demo", "--bursts", "3", "--json"], capture_output=True,
-                            text=True, timeout=120)
+def test_demo(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    result = subprocess.run([*TUNER, "demo", "--db", str(db)], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    demo = json.loads(result.stdout)
-    assert demo["upstream_advertised_s"] == 1
-    assert 1.5 < demo["upstream_close_s"] < 3.0
-    unsafe, safe = demo["runs"]
-    assert unsafe["proxy_idle_s"] == 60 and safe["proxy_idle_s"] < demo["upstream_close_s"]
-    assert unsafe["n_requests"] == safe["n_requests"] == 90
-    assert safe["n_failed"] == 0
+    assert "proxy idle  upstream idle  closes at" in result.stdout
+    assert "Node advertised Keep-Alive: timeout=1 but closed idle connections after 2." \
+        in result.stdout
+    listed = json.loads(subprocess.run([*TUNER, "results", str(db), "--json"],
+                                       capture_output=True, text=True, timeout=60).stdout)
+    verdicts = {t["proxy_idle_s"]: t["verdict"] for t in listed["trials"]}
+    assert verdicts == {1.0: "safe", 2.0: "unsafe", 3.0: "unsafe"}

@@ -10,7 +10,6 @@ from tuner.durations import format_seconds
 
 if TYPE_CHECKING:
     from tuner.analysis.verdict import Verdict
-    from tuner.demo import DemoResult
     from tuner.probe import ProbeResult
 
 
@@ -45,32 +44,6 @@ def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
         lines.append(f"  verdict     {verdict.status.upper()}: {verdict.message}")
     lines.append(f"  took        {result.elapsed_s:.1f} s")
     return "\n".join(lines)
-
-
-def render_demo(result: DemoResult) -> str:
-    """The summary table for people."""
-    rows = [f"{'nginx idle timeout':>20}  {'requests':>8}  {'502':>5}  {'failed':>6}  "
-            f"{'log races':>9}  verdict"]
-    for run in result.runs:
-        verdict = ("UNSAFE: proxy outlives the upstream's close" if run.verdict == "unsafe"
-                   else "safe: proxy gives up idle connections first")
-        rows.append(f"{format_seconds(run.proxy_idle_s):>20}  {run.n_requests:>8}  "
-                    f"{run.n_502:>5}  {run.n_failed:>6}  {run.n_proxy_log_races:>9}  {verdict}")
-    unsafe_run, safe_run = result.runs
-    if unsafe_run.sample_log_line:
-        rows.append(f"\nnginx error log during the unsafe run:\n  {unsafe_run.sample_log_line}")
-    if unsafe_run.n_failed == 0:
-        rows.append("\nThe race did not show in this run: it is timing-dependent (a window of "
-                    "a few ms per burst). Run `make demo` again.")
-    if safe_run.n_failed:
-        rows.append("\nFailures with the safe setting: they do not follow the timeouts; look "
-                    "for another cause (CPU starvation, a crashed upstream).")
-    advertised = ("advertises nothing" if result.upstream_advertised_s is None
-                  else f"advertises {result.upstream_advertised_s:g} s")
-    rows.append(f"\nRule: the proxy's idle timeout must be below the upstream's REAL close time "
-                f"({result.upstream_close_s:.2f} s here; Node {advertised}) minus a margin.\n"
-                f"{unsafe_run.verdict_message}.")
-    return "\n".join(rows)
 
 
 def render_trials(trials: Sequence[Mapping[str, Any]]) -> str:

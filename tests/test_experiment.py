@@ -1,0 +1,179 @@
+"""`tuner experiment` on the real lab: spec validation, a 2x2 grid, HAProxy, faults, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tuner.errors import ConfigError, LoadError
+from tuner.experiment.runner import TrialKey, run_trial, trial_order
+from tuner.experiment.spec import ExperimentSpec, load_spec, parse_spec
+from tuner.lab import Lab, get_upstream
+from tuner.load.locust_runner import LocustPlan, run_locust
+
+from .conftest import alive, descendants
+
+TUNER = [sys.executable, "-m", "tuner.cli"]
+
+
+def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        return connection.execute(sql).fetchall()
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"proxy_idle": ["1s", "10 parsecs"]}, "proxy_idle[1] '10 parsecs' is not a duration"),
+    ({"proxy": "envoy"}, "proxy: 'envoy' is not one of nginx, haproxy"),
+    ({"repeats": 0}, "repeats: 0 must be at least 1"),
+    ({"burst_size": "many"}, "burst_size: 'many' must be a whole number"),
+    ({"methods": "POST:x"}, "methods: 'POST:x' must be a method mix"),
+    ({"upstream_idel": "1s"}, "upstream_idel: unknown field"),
+    ({"max_seconds": -5}, "max_seconds: -5 must be greater than zero"),
+])
+def test_spec_errors_name_the_key_and_value(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_spec(data)
+    assert message in str(info.value)
+
+
+def test_spec_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("proxy: haproxy\nproxy_idle: [500ms, 10s]\nupstream_idle: 2s\n"
+                    "gaps: [1.99s, 2s]\nstop_after: 3\n")
+    with pytest.raises(ConfigError, match=f"{path}: stop_after: unknown field"):
+        load_spec(path)
+    path.write_text("proxy: haproxy\nproxy_idle: [500ms, 10s]\nupstream_idle: 2s\n"
+                    "gaps: [1.99s, 2s]\n")
+    spec = load_spec(path)
+    assert spec.proxy == "haproxy" and spec.proxy_idle_s == (0.5, 10.0)
+    assert spec.upstream_idle_s == (2.0,) and spec.gaps_s == (1.99, 2.0)
+    overridden = parse_spec({"proxy_idle": "1s,2s", "db": "x.db"}, base=spec)
+    assert overridden.proxy_idle_s == (1.0, 2.0) and overridden.proxy == "haproxy"
+    assert ExperimentSpec.from_stored(overridden.as_dict()) == overridden
+    (tmp_path / "bad.yaml").write_text("proxy: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_trial_order_is_shuffled_by_the_seed_and_complete() -> None:
+    spec = parse_spec({"proxy_idle": "1s,2s,3s", "upstream_idle": "1s,2s", "repeats": 2})
+    order = trial_order(spec)
+    assert len(order) == len(set(order)) == 12
+    assert order == trial_order(spec)
+    assert order != trial_order(parse_spec({"seed": 99}, base=spec))
+
+
+def test_upstream_that_cannot_take_a_grid_value_fails_before_starting(tmp_path: Path) -> None:
+    result = subprocess.run([*TUNER, "experiment", "--upstream", "uvicorn", "--upstream-idle",
+                             "1s,1500ms", "--db", str(tmp_path / "r.db")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "upstream_idle 1.5s: uvicorn --timeout-keep-alive takes whole seconds" \
+        in result.stderr
+    assert not (tmp_path / "r.db").exists()
+
+
+@pytest.mark.race
+def test_grid_is_unsafe_exactly_where_the_proxy_outlives_the_upstream(tmp_path: Path) -> None:
+    db = tmp_path / "grid.db"
+    result = subprocess.run([*TUNER, "experiment", "--proxy", "nginx", "--upstream", "node",
+                             "--proxy-idle", "1s,3s", "--upstream-idle", "1s,2500ms",
+                             "--max-seconds", "40", "--db", str(db), "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["db"] == str(db) and len(document["trials"]) == 4
+    for trial in document["trials"]:
+        for key in ("proxy", "upstream", "proxy_idle_s", "upstream_idle_s", "upstream_close_s",
+                    "n_requests", "n_502", "n_failed", "failure_rate", "n_proxy_log_races",
+                    "verdict"):
+            assert key in trial, key
+        expected = "unsafe" if trial["proxy_idle_s"] >= trial["upstream_close_s"] else "safe"
+        assert trial["verdict"] == expected, trial
+        if expected == "unsafe":
+            assert trial["n_502"] >= 1 and trial["n_proxy_log_races"] >= 1
+        else:
+            assert trial["n_failed"] == 0 and trial["n_requests"] >= 200
+    listed = subprocess.run([*TUNER, "results", str(db), "--json"], capture_output=True,
+                            text=True, timeout=60)
+    assert json.loads(listed.stdout)["trials"] == document["trials"]
+
+
+@pytest.mark.race
+def test_haproxy_records_its_failure_kind(tmp_path: Path) -> None:
+    result = subprocess.run([*TUNER, "experiment", "--proxy", "haproxy", "--upstream", "node",
+                             "--proxy-idle", "10s", "--upstream-idle", "1s", "--max-seconds",
+                             "40", "--db", str(tmp_path / "h.db"), "--json"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    [trial] = json.loads(result.stdout)["trials"]
+    assert trial["verdict"] == "unsafe", trial
+    assert trial["outcomes"].get("reset", 0) >= 1  # the silent close, not a 502
+    assert trial["n_502"] == 0
+
+
+def test_an_upstream_dying_mid_trial_makes_the_trial_invalid(tmp_path: Path) -> None:
+    spec = parse_spec({"max_seconds": 8, "gaps": "1s", "unsafe_after": 0, "safe_after": 0})
+    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=1,
+             upstream_idle_s=5) as lab:
+        assert lab.upstream is not None and lab.upstream.process is not None
+        pgid = lab.upstream.process.pid
+        killer = threading.Timer(5.0, os.killpg, args=(pgid, signal.SIGKILL))
+        killer.start()
+        try:
+            record = run_trial(lab, spec, TrialKey(1.0, 5.0, 0))
+        finally:
+            killer.cancel()
+    assert record["verdict"] == "invalid"
+    assert "upstream" in record["invalid_reason"]
+
+
+def test_locust_crashing_shows_its_stderr(tmp_path: Path) -> None:
+    # An empty gap list makes the locust module itself fail while Locust starts up.
+    with pytest.raises(LoadError, match="without results; last lines of its output") as info:
+        run_locust(LocustPlan(host_url="http://127.0.0.1:9", gaps_s=[], max_seconds=5),
+                   workdir=tmp_path)
+    assert "ValueError" in str(info.value)
+
+
+@pytest.mark.race
+def test_kill_9_then_resume_repeats_no_trial(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    db = tmp_path / "resume.db"
+    spec.write_text(f"proxy_idle: [1s, 3s]\nupstream_idle: [1s]\nrepeats: 2\ngap_steps: 3\n"
+                    f"gap_half_width: 6ms\nsafe_after: 60\nmax_seconds: 30\ndb: {db}\n")
+    runner = subprocess.Popen([*TUNER, "experiment", str(spec)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    n_before = 0
+    started = set()
+    while time.monotonic() < deadline and n_before == 0:
+        time.sleep(0.5)
+        started |= descendants(runner.pid)
+        if db.exists():
+            with contextlib.suppress(sqlite3.OperationalError):  # not created yet
+                n_before = int(str(_rows(db, "SELECT count(*) FROM trials")[0][0]))
+    assert n_before >= 1, "no trial was recorded within 2 minutes"
+    runner.kill()  # kill -9: no cleanup code runs in the runner
+    runner.wait(timeout=10)
+    time.sleep(1.0)
+    assert not alive(started), "lab or Locust processes outlived the killed runner"
+    first = _rows(db, "SELECT cell, repeat, started_at FROM trials ORDER BY started_at")
+
+    result = subprocess.run([*TUNER, "experiment", "--db", str(db), "--resume", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = _rows(db, "SELECT cell, repeat, started_at FROM trials ORDER BY started_at")
+    assert len(rows) == 4 and len({(c, r) for c, r, _ in rows}) == 4
+    assert rows[:len(first)] == first  # the trials recorded before the kill are untouched
+    assert len(json.loads(result.stdout)["trials"]) == 4
