@@ -177,3 +177,31 @@ def test_kill_9_then_resume_repeats_no_trial(tmp_path: Path) -> None:
     assert len(rows) == 4 and len({(c, r) for c, r, _ in rows}) == 4
     assert rows[:len(first)] == first  # the trials recorded before the kill are untouched
     assert len(json.loads(result.stdout)["trials"]) == 4
+
+
+def test_resume_refuses_a_changed_spec(tmp_path: Path) -> None:
+    result = subprocess.run([*TUNER, "experiment", "--db", str(tmp_path / "x.db"), "--resume",
+                             "--proxy-idle", "5s"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "drop --proxy-idle" in result.stderr
+    empty = subprocess.run([*TUNER, "experiment", "--db", str(tmp_path / "y.db"), "--resume"],
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "holds no experiment to resume" in empty.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    runner = subprocess.Popen([*TUNER, "experiment", "--proxy-idle", "3s", "--upstream-idle",
+                               "1s", "--db", str(db)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert runner.stdout is not None
+    line = runner.stdout.readline()  # "experiment <id>: 1 trials, ..." once the lab is up
+    assert line.startswith("experiment "), line
+    time.sleep(3)  # into the trial: probing or loading
+    started = descendants(runner.pid)
+    runner.send_signal(signal.SIGINT)
+    _, stderr = runner.communicate(timeout=30)
+    assert runner.returncode == 130
+    assert f"tuner experiment --db {db} --resume" in stderr
+    time.sleep(0.5)
+    assert not alive(started)

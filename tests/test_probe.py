@@ -205,8 +205,10 @@ def test_cli_json_and_unsafe_exit_code() -> None:
         assert key in document
     assert document["samples"] == 3 and document["close_kind"] == "fin"
     assert document["verdict"]["status"] == "unsafe"
-    assert document["verdict"]["max_safe_proxy_idle_s"] == 1.0
-    assert "at most 1s" in document["verdict"]["message"]
+    # Node closes at about 2.0 s; minus the 1 s margin, rounded down to 100 ms
+    safe_s = document["verdict"]["max_safe_proxy_idle_s"]
+    assert safe_s in (0.9, 1.0)
+    assert f"at most {'1s' if safe_s == 1.0 else '900ms'}" in document["verdict"]["message"]
 
 
 def test_cli_https_without_a_server_and_bad_arguments() -> None:

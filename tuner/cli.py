@@ -323,7 +323,14 @@ def _experiment_spec(args: argparse.Namespace) -> ExperimentSpec:
              "workers": args.workers, "seed": args.seed, "db": args.db}
     if args.upstream_cmd is not None:
         flags["upstream_cmd"] = args.upstream_cmd
-    return parse_spec({k: v for k, v in flags.items() if v is not None}, base=spec)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.resume and (args.spec or set(given) - {"db"}):
+        extra = ([args.spec] if args.spec else []) + [f"--{k.replace('_', '-')}"
+                                                       for k in sorted(set(given) - {"db"})]
+        raise ConfigError(f"--resume continues the stored experiment with its stored spec; "
+                          f"drop {', '.join(extra)} (or start a new experiment with another "
+                          "--db)")
+    return parse_spec(given, base=spec)
 
 
 def _experiment_document(run: ExperimentRun) -> dict[str, object]:
