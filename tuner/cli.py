@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tuner.experiment.spec import ExperimentSpec
 
 EXIT_UNSAFE = 6
+EXIT_INSUFFICIENT = 8
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = """exit codes:
@@ -40,6 +41,7 @@ EXIT_CODES = """exit codes:
   5    a server could not be probed (unreachable, not HTTP/1.1)
   6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe
   7    the results store cannot be used (not ours, newer schema, locked, disk full)
+  8    tuner recommend: the data cannot support a recommendation (it says what would)
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
 
 
@@ -224,6 +226,36 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--id", dest="experiment_id", help="experiment id")
     results.add_argument("--json", action="store_true", help="print one JSON object")
     results.set_defaults(handler=cmd_results)
+
+    rec = commands.add_parser(
+        "recommend", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="recommend idle timeouts from a results store, with the evidence",
+        description="Correlate the failure rate with the margin (upstream's real close minus\n"
+                    "the proxy's idle timeout) over every trial of an experiment, and recommend\n"
+                    "both directions: the largest safe proxy idle timeout for the upstream as\n"
+                    "measured, and the smallest upstream idle setting for the proxy as\n"
+                    "configured, with the evidence (0 failures in n; 95 %% upper bound) and the\n"
+                    "unsafe settings' observed rates. Exact (Clopper-Pearson) intervals; a\n"
+                    "monotone fit of the rate against the margin.",
+        epilog="examples:\n"
+               "  tuner recommend results.db\n"
+               "  tuner recommend results.db --proxy-idle 60s --json\n"
+               "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n\n"
+               "margin: by default the larger of 1 s and 10 %% of the measured close.\n\n"
+               + EXIT_CODES.replace("%", "%%"))
+    rec.add_argument("db", metavar="DB")
+    rec.add_argument("--margin", type=_duration("--margin"), metavar="DURATION")
+    rec.add_argument("--proxy-idle", type=_duration("--proxy-idle"), metavar="DURATION",
+                     help="the proxy idle timeout to protect (default: the largest in the grid)")
+    rec.add_argument("--upstream-idle", type=_duration("--upstream-idle"), metavar="DURATION",
+                     help="which upstream setting of the grid (default: the smallest)")
+    rec.add_argument("--target-rate", type=float, default=0.02, metavar="RATE",
+                     help="the failure rate the evidence must bound, 95 %% (default 0.02)")
+    rec.add_argument("-o", "--output", choices=("text", "json", "configmap"), default="text")
+    rec.add_argument("--json", action="store_true", help="same as -o json")
+    rec.add_argument("--name", default="tuner-keepalive", help="ConfigMap name")
+    rec.add_argument("--namespace", default="default", help="ConfigMap namespace")
+    rec.set_defaults(handler=cmd_recommend)
     return parser
 
 
@@ -393,6 +425,26 @@ def cmd_results(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v}" for k, v in sorted(experiment["versions"].items())))
         print(render_trials([t.record for t in trials]))
     return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from tuner.recommending import build_report, render_report
+
+    if not 0 < args.target_rate < 1:
+        raise ConfigError(f"--target-rate {args.target_rate} must be between 0 and 1")
+    report = build_report(Path(args.db), margin_s=args.margin, proxy_idle_s=args.proxy_idle,
+                          upstream_idle_s=args.upstream_idle, target_rate=args.target_rate)
+    output = "json" if args.json else args.output
+    if output == "json":
+        print(json.dumps(report.as_json(), indent=2))
+    elif output == "configmap":
+        import yaml
+
+        print(yaml.safe_dump_all(report.configmaps(name=args.name, namespace=args.namespace),
+                                 sort_keys=False), end="")
+    else:
+        print(render_report(report))
+    return EXIT_INSUFFICIENT if report.primary.status != "ok" else 0
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

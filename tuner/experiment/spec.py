@@ -18,6 +18,9 @@
     db: results.db
     unsafe_after: 3                 # stopping rule, see tuner.analysis.stopping
     safe_after: 200
+    write_back:                     # where `tuner recommend -o configmap` / `tuner apply` write
+      ingress_nginx: {namespace: ingress-nginx, name: ingress-nginx-controller}
+      app: {namespace: shop, name: checkout-config, key: KEEP_ALIVE_TIMEOUT_MS, unit: ms}
 
 Design decision: parsing is pure (a dict in, a frozen `ExperimentSpec` out) and every error
 names the key and the bad value, as `proxy_idle[1]: '10 parsecs' is not a duration`.
@@ -60,6 +63,7 @@ class ExperimentSpec:
     seed: int = 1
     db: str = "results.db"
     stop: StopRule = field(default_factory=StopRule)
+    write_back: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, for the results store (and for comparing specs on --resume)."""
@@ -122,7 +126,7 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 _FIELDS = ("proxy", "upstream", "upstream_cmd", "proxy_idle", "upstream_idle", "repeats",
            "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "methods",
-           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after")
+           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after", "write_back")
 
 
 def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -> ExperimentSpec:
@@ -164,6 +168,10 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
             changes["db"] = value
         elif key == "unsafe_after":
             stop = dataclasses.replace(stop, unsafe_after_failures=_int(key, value, minimum=0))
+        elif key == "write_back":
+            from tuner.kube.objects import parse_write_back
+
+            changes["write_back"] = parse_write_back(value)
         elif key == "safe_after":
             stop = dataclasses.replace(stop, safe_after_requests=_int(key, value, minimum=0))
     return dataclasses.replace(spec, **changes, stop=stop)

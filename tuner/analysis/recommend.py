@@ -1,0 +1,228 @@
+"""From trials to a recommendation with its evidence (pure).
+
+The model: the race rate per reused request is a non-increasing function of the margin
+`upstream_close_s - proxy_idle_s` (the longer the upstream outlives the proxy's idle
+timeout, the fewer reused connections can meet its close). It is fitted by isotonic
+regression (pool adjacent violators), weighted by the reused requests of each trial, with a
+Clopper-Pearson interval per pooled block. A monotone fit, not a logistic curve: the race
+is close to a step (0 once the proxy gives up first, a few % at or below 0), and a logistic
+fit would smear that step over margins where nothing fails.
+
+The recommendation, for each hop direction:
+- the largest safe proxy idle timeout for the upstream as measured:
+  `min(measured closes) - margin`, rounded down to 100 ms;
+- the smallest upstream idle setting for the proxy as configured: the setting whose real
+  close (setting + the offset measured between setting and close, e.g. Node's +1 s) is at
+  least `proxy_idle + margin`.
+Evidence: by monotonicity, every trial of the same upstream at a proxy idle timeout at or
+above the recommended one (a margin at or below it) that saw no race failure bounds the
+rate at the recommended one; their reused requests are pooled into "0 failures in n; 95 %
+upper bound r". Without such trials the data cannot support a
+recommendation, and the result says how many more requests would (n >= ln(20) / r_target).
+Failures that do not follow the margin (504s, timeouts, refused connections, invalid trials)
+are reported as another cause, never turned into a timeout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuner.analysis.intervals import clopper_pearson, upper_bound
+from tuner.analysis.outcomes import Outcome
+from tuner.analysis.stopping import RACE_OUTCOMES
+from tuner.analysis.verdict import default_margin_s, largest_safe_proxy_idle_s
+
+#: the failure rate the evidence must bound from above (95 %) for a recommendation
+DEFAULT_TARGET_RATE = 0.02
+CONFIDENCE = 0.95
+_NON_RACE = frozenset(Outcome) - RACE_OUTCOMES - {Outcome.OK}
+
+MITIGATIONS = [
+    {"proxy": "nginx", "setting": "proxy_next_upstream error timeout non_idempotent;",
+     "effect": "masks the race: nginx re-sends POST/PATCH on a fresh connection, which can "
+               "apply a request twice; not a fix"},
+    {"proxy": "haproxy", "setting": "retry-on conn-failure empty-response",
+     "effect": "masks the race: HAProxy replays the request on a new connection; not a fix"},
+    {"proxy": "any", "setting": "disable upstream keep-alive",
+     "effect": "avoids the race by never reusing a connection, at the cost of a new "
+               "connection per request"},
+]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The fields of a stored trial that the analysis needs."""
+
+    proxy_idle_s: float
+    upstream_idle_s: float
+    upstream_close_s: float | None
+    n_reused: int
+    n_race: int
+    n_other_failures: int
+    verdict: str
+    invalid_reason: str | None = None
+    by_gap: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    @property
+    def margin_s(self) -> float | None:
+        if self.upstream_close_s is None:
+            return None
+        return self.upstream_close_s - self.proxy_idle_s
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Trial:
+        outcomes: Mapping[str, int] = record.get("outcomes", {})
+        return cls(
+            proxy_idle_s=float(record["proxy_idle_s"]),
+            upstream_idle_s=float(record["upstream_idle_s"]),
+            upstream_close_s=record.get("upstream_close_s"),
+            n_reused=int(record.get("n_reused", 0)),
+            n_race=sum(n for kind, n in outcomes.items() if kind in RACE_OUTCOMES),
+            n_other_failures=sum(n for kind, n in outcomes.items() if kind in _NON_RACE),
+            verdict=str(record.get("verdict", "invalid")),
+            invalid_reason=record.get("invalid_reason"),
+            by_gap=record.get("by_gap", {}))
+
+
+@dataclass(frozen=True)
+class MarginBlock:
+    """One pooled block of the monotone fit: margins [low, high], k races in n requests."""
+
+    margin_low_s: float
+    margin_high_s: float
+    n_race: int
+    n_reused: int
+    rate: float
+    rate_low: float
+    rate_high: float
+
+
+def fit_monotone(trials: Iterable[Trial]) -> list[MarginBlock]:
+    """Isotonic (non-increasing in margin) fit of the race rate, with exact intervals."""
+    points = sorted((t.margin_s, t.n_race, t.n_reused) for t in trials
+                    if t.margin_s is not None and t.n_reused > 0 and t.verdict != "invalid")
+    blocks: list[tuple[float, float, int, int]] = []  # (low, high, k, n)
+    for margin, k, n in points:
+        blocks.append((margin, margin, k, n))
+        # rates must not increase with the margin: pool while the last block's rate is
+        # above the one before it
+        while len(blocks) > 1 and blocks[-1][2] / blocks[-1][3] > blocks[-2][2] / blocks[-2][3]:
+            last, before = blocks.pop(), blocks.pop()
+            blocks.append((before[0], last[1], before[2] + last[2], before[3] + last[3]))
+    fitted = []
+    for low, high, k, n in blocks:
+        ci_low, ci_high = clopper_pearson(k, n, CONFIDENCE)
+        fitted.append(MarginBlock(low, high, k, n, k / n, ci_low, ci_high))
+    return fitted
+
+
+@dataclass(frozen=True)
+class Evidence:
+    n_race: int
+    n_reused: int
+    upper_rate: float
+    margin_low_s: float
+    margin_high_s: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    #: "ok", or "insufficient" when the data cannot support one
+    status: str
+    upstream_idle_setting_s: float
+    upstream_close_s: float | None
+    margin_s: float
+    #: the largest safe proxy idle timeout for the upstream as measured
+    proxy_idle_s: float | None
+    #: the proxy idle timeout to protect, and the smallest upstream setting that does
+    configured_proxy_idle_s: float
+    upstream_idle_s: float | None
+    upstream_close_offset_s: float | None
+    evidence: Evidence | None
+    unsafe: list[dict[str, Any]]
+    other_causes: list[str]
+    more_load: str | None
+    model: list[MarginBlock]
+    alternatives: list[dict[str, str]] = field(default_factory=lambda: list(MITIGATIONS))
+
+
+def _evidence(trials: Sequence[Trial], proxy_idle_s: float) -> Evidence | None:
+    """Pool the race-free trials of one upstream setting whose proxy idle timeout is at
+    least `proxy_idle_s` (so a margin at most the recommended one) and below every setting
+    that failed: by monotonicity, each bounds the failure rate at `proxy_idle_s`."""
+    valid = [t for t in trials if t.verdict != "invalid" and t.margin_s is not None]
+    failing_from = min((t.proxy_idle_s for t in valid if t.n_race > 0), default=math.inf)
+    pooled = [t for t in valid if t.n_race == 0
+              and proxy_idle_s - 1e-9 <= t.proxy_idle_s < failing_from]
+    n = sum(t.n_reused for t in pooled)
+    if n == 0:
+        return None
+    margins = [t.margin_s for t in pooled if t.margin_s is not None]
+    bound = upper_bound(0, n, CONFIDENCE)
+    text = (f"0 failures in {n} reused-after-gap requests at margins "
+            f"{min(margins):.2f}-{max(margins):.2f} s; 95 % upper bound on the failure rate "
+            f"{bound:.2%}")
+    return Evidence(0, n, bound, min(margins), max(margins), text)
+
+
+def requests_needed(target_rate: float, confidence: float = CONFIDENCE) -> int:
+    """Race-free reused requests that bound the rate below `target_rate` (rule of three)."""
+    return math.ceil(math.log(1 / (1 - confidence)) / target_rate)
+
+
+def recommend(records: Iterable[Mapping[str, Any]], *, upstream_idle_setting_s: float,
+              margin_s: float | None = None, configured_proxy_idle_s: float | None = None,
+              whole_seconds: bool = False, target_rate: float = DEFAULT_TARGET_RATE
+              ) -> Recommendation:
+    """The recommendation for one upstream setting of the experiment."""
+    trials = [Trial.from_record(r) for r in records]
+    here = [t for t in trials if math.isclose(t.upstream_idle_s, upstream_idle_setting_s)]
+    valid = [t for t in here if t.verdict != "invalid"]
+    closes = [t.upstream_close_s for t in valid if t.upstream_close_s is not None]
+    close_s = min(closes) if closes else None
+    margin = default_margin_s(close_s or 0.0) if margin_s is None else margin_s
+    protect_s = configured_proxy_idle_s or max((t.proxy_idle_s for t in here), default=60.0)
+    other = [f"proxy idle {t.proxy_idle_s:g}s: invalid trial ({t.invalid_reason})"
+             for t in here if t.verdict == "invalid"]
+    other += [f"proxy idle {t.proxy_idle_s:g}s: {t.n_other_failures} failures that do not "
+              "follow the timeouts (504, timeouts, refused connections)"
+              for t in valid if t.n_other_failures]
+    unsafe = []
+    for t in valid:
+        if t.n_race:
+            low, high = clopper_pearson(t.n_race, max(t.n_reused, t.n_race), CONFIDENCE)
+            unsafe.append({"proxy_idle_s": t.proxy_idle_s, "upstream_close_s": t.upstream_close_s,
+                           "n_race": t.n_race, "n_reused": t.n_reused,
+                           "rate": t.n_race / max(1, t.n_reused), "rate_low": low,
+                           "rate_high": high})
+    model = fit_monotone(valid)
+    if close_s is None:
+        return Recommendation("insufficient", upstream_idle_setting_s, None, margin, None,
+                              protect_s, None, None, None, unsafe, other,
+                              "no valid trial measured the upstream's close time; run an "
+                              "experiment whose trials are not invalid", model)
+    proxy_s = largest_safe_proxy_idle_s(close_s, margin)
+    offsets = [t.upstream_close_s - t.upstream_idle_s for t in valid
+               if t.upstream_close_s is not None]
+    offset_s = min(offsets)  # the least the real close exceeds the setting: conservative
+    needed_s = protect_s + margin - offset_s
+    step_s = 1.0 if whole_seconds else 0.001
+    upstream_s = max(step_s, math.ceil(round(needed_s / step_s, 6)) * step_s)
+    evidence = _evidence(valid, proxy_s) if proxy_s is not None else None
+    more_load = None
+    status = "ok"
+    if evidence is None or evidence.upper_rate > target_rate:
+        status = "insufficient"
+        n_have = evidence.n_reused if evidence else 0
+        n_need = requests_needed(target_rate)
+        more_load = (f"need {n_need} race-free reused requests at a proxy idle timeout between "
+                     f"{proxy_s or 0:g}s and the upstream's close ({close_s:.2f} s) to bound the "
+                     f"failure rate below {target_rate:.0%}; have {n_have}: run about "
+                     f"{max(0, n_need - n_have)} more (for example a trial at proxy idle "
+                     f"{proxy_s or 0:g}s with a larger --max-seconds)")
+    return Recommendation(status, upstream_idle_setting_s, close_s, margin, proxy_s, protect_s,
+                          upstream_s, offset_s, evidence, unsafe, other, more_load, model)

@@ -1,0 +1,1 @@
+"""Kubernetes: ConfigMaps built as pure values (objects.py), written by a thin client (apply.py)."""
