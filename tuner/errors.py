@@ -1,12 +1,15 @@
 """The one error tree of `tuner`.
 
     TunerError                    base: the CLI prints "error: ..." and exits non-zero
-     ├── ConfigError              bad input: a duration, an option, a command template
-     ├── LabError                 a local lab process failed
+     ├── ConfigError              bad input: a duration, an option, a spec field   (exit 2)
+     ├── LabError                 a local lab process failed                       (exit 3)
      │    ├── MissingProgramError     a program is not installed (names the package)
      │    ├── ProcessStartError       exited or never became ready (status, stderr tail)
      │    └── ProxyConfigError        the proxy rejected its configuration (its own message)
-     └── LoadError                load generation failed
+     ├── LoadError                load generation failed (Locust missing, crashed)   (exit 4)
+     ├── ProbeError               a server could not be probed                     (exit 5)
+     ├── StoreError               the results store: not ours, newer, locked, full (exit 7)
+     └── KubeError                the Kubernetes API refused or was unreachable    (exit 9)
 
 Every message says what failed, with the values, and what to do next. Only the CLI
 catches `TunerError`; bugs keep their traceback.
@@ -62,3 +65,9 @@ class ProbeError(TunerError):
     """A server could not be probed: unreachable, or not answering HTTP/1.1."""
 
     exit_code = 5
+
+
+class KubeError(TunerError):
+    """The Kubernetes API refused a request, or could not be reached."""
+
+    exit_code = 9
