@@ -26,6 +26,7 @@ from tuner.lab import BUILTIN_UPSTREAMS, PROXIES, Lab, Upstream, command_upstrea
 if TYPE_CHECKING:
     from tuner.experiment.runner import ExperimentRun
     from tuner.experiment.spec import ExperimentSpec
+    from tuner.recommending import RecommendationReport
 
 EXIT_UNSAFE = 6
 EXIT_INSUFFICIENT = 8
@@ -42,6 +43,8 @@ EXIT_CODES = """exit codes:
   6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe
   7    the results store cannot be used (not ours, newer schema, locked, disk full)
   8    tuner recommend: the data cannot support a recommendation (it says what would)
+  9    tuner apply: the Kubernetes API refused (RBAC, missing namespace, invalid) or was
+       unreachable
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
 
 
@@ -243,20 +246,48 @@ def build_parser() -> argparse.ArgumentParser:
                "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n\n"
                "margin: by default the larger of 1 s and 10 %% of the measured close.\n\n"
                + EXIT_CODES.replace("%", "%%"))
-    rec.add_argument("db", metavar="DB")
-    rec.add_argument("--margin", type=_duration("--margin"), metavar="DURATION")
-    rec.add_argument("--proxy-idle", type=_duration("--proxy-idle"), metavar="DURATION",
-                     help="the proxy idle timeout to protect (default: the largest in the grid)")
-    rec.add_argument("--upstream-idle", type=_duration("--upstream-idle"), metavar="DURATION",
-                     help="which upstream setting of the grid (default: the smallest)")
-    rec.add_argument("--target-rate", type=float, default=0.02, metavar="RATE",
-                     help="the failure rate the evidence must bound, 95 %% (default 0.02)")
+    _add_recommend_options(rec)
     rec.add_argument("-o", "--output", choices=("text", "json", "configmap"), default="text")
     rec.add_argument("--json", action="store_true", help="same as -o json")
-    rec.add_argument("--name", default="tuner-keepalive", help="ConfigMap name")
-    rec.add_argument("--namespace", default="default", help="ConfigMap namespace")
     rec.set_defaults(handler=cmd_recommend)
+
+    apply = commands.add_parser(
+        "apply", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write the recommended ConfigMaps to a cluster",
+        description="Write the ConfigMaps `tuner recommend -o configmap` prints: the\n"
+                    "recommendation, and the spec's write_back targets (the ingress-nginx\n"
+                    "controller ConfigMap, an application ConfigMap key). Existing ConfigMaps\n"
+                    "keep their other keys; a concurrent change (409) is re-read and retried.\n"
+                    "Every object is validated before the first write.",
+        epilog="examples:\n"
+               "  tuner apply results.db --dry-run              # show the diff, write nothing\n"
+               "  tuner apply results.db --context prod --namespace shop\n\n"
+               "RBAC needed: get, create, update on configmaps in each target namespace\n"
+               "(get on namespaces is used for a clearer error when one is missing).\n\n"
+               + EXIT_CODES.replace("%", "%%"))
+    _add_recommend_options(apply)
+    apply.add_argument("--kubeconfig", metavar="PATH",
+                       help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the "
+                            "in-cluster service account)")
+    apply.add_argument("--context", metavar="NAME", help="kubeconfig context")
+    apply.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    apply.add_argument("--json", action="store_true", help="print one JSON object")
+    apply.set_defaults(handler=cmd_apply)
     return parser
+
+
+def _add_recommend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db", metavar="DB")
+    parser.add_argument("--margin", type=_duration("--margin"), metavar="DURATION")
+    parser.add_argument("--proxy-idle", type=_duration("--proxy-idle"), metavar="DURATION",
+                        help="the proxy idle timeout to protect (default: the largest in the "
+                             "grid)")
+    parser.add_argument("--upstream-idle", type=_duration("--upstream-idle"), metavar="DURATION",
+                        help="which upstream setting of the grid (default: the smallest)")
+    parser.add_argument("--target-rate", type=float, default=0.02, metavar="RATE",
+                        help="the failure rate the evidence must bound, 95 %% (default 0.02)")
+    parser.add_argument("--name", default="tuner-keepalive", help="ConfigMap name")
+    parser.add_argument("--namespace", default="default", help="ConfigMap namespace")
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
@@ -427,13 +458,36 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_recommend(args: argparse.Namespace) -> int:
-    from tuner.recommending import build_report, render_report
+def _report(args: argparse.Namespace) -> RecommendationReport:
+    from tuner.recommending import build_report
 
     if not 0 < args.target_rate < 1:
         raise ConfigError(f"--target-rate {args.target_rate} must be between 0 and 1")
-    report = build_report(Path(args.db), margin_s=args.margin, proxy_idle_s=args.proxy_idle,
-                          upstream_idle_s=args.upstream_idle, target_rate=args.target_rate)
+    return build_report(Path(args.db), margin_s=args.margin, proxy_idle_s=args.proxy_idle,
+                        upstream_idle_s=args.upstream_idle, target_rate=args.target_rate)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from tuner.kube.apply import apply_configmaps, connect
+
+    objects = _report(args).configmaps(name=args.name, namespace=args.namespace)
+    connection = connect(kubeconfig=args.kubeconfig, context=args.context)
+    results = apply_configmaps(connection, objects, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "results": [asdict(r) for r in results]},
+                         indent=2))
+    else:
+        for result in results:
+            print(f"{result.action:13} configmap {result.namespace}/{result.name}")
+            if result.diff and args.dry_run:
+                print("\n".join(f"    {line}" for line in result.diff.splitlines()))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from tuner.recommending import render_report
+
+    report = _report(args)
     output = "json" if args.json else args.output
     if output == "json":
         print(json.dumps(report.as_json(), indent=2))

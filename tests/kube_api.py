@@ -1,0 +1,185 @@
+"""An in-repo HTTP server that speaks the Kubernetes REST protocol for what `tuner` touches:
+Namespaces (get) and ConfigMaps (get, create, replace), with resourceVersion optimistic
+concurrency, and the real error shapes (a `Status` body with 403, 404, 409, 422).
+
+No Kubernetes API server can be installed on these machines; this lets the real
+`kubernetes` client be tested over HTTP, as kopf tests against a real localhost server.
+Knobs a test can turn: `deny` (RBAC), `conflicts` (someone else writes first), `reject`
+(an admission policy answers 422).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<ns>[^/]+)(?:/configmaps(?:/(?P<name>[^/?]+))?)?)?"
+                   r"(?:\?.*)?$")
+
+
+class KubeState:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.namespaces: set[str] = {"default"}
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self.version = 100
+        self.deny: set[tuple[str, str]] = set()  # (verb, namespace)
+        self.conflicts = 0  # the next N replaces lose to another writer
+        self.reject: str | None = None  # an admission policy's 422 message
+        self.requests: list[tuple[str, str]] = []
+
+    def next_version(self) -> str:
+        self.version += 1
+        return str(self.version)
+
+
+def _status(code: int, reason: str, message: str, name: str = "") -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code,
+            "details": {"name": name, "kind": "configmaps"}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: KubeState
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def _send(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        parsed: dict[str, Any] = json.loads(self.rfile.read(length) or b"{}")
+        return parsed
+
+    def _route(self, verb: str) -> None:
+        match = _PATH.match(self.path)
+        state = self.state
+        with state.lock:
+            state.requests.append((verb, self.path))
+            if match is None:
+                self._send(404, _status(404, "NotFound", f"the server could not find {self.path}"))
+                return
+            ns, name = match.group("ns"), match.group("name")
+            if (verb, ns or "") in state.deny:
+                resource = "configmaps" if "/configmaps" in self.path else "namespaces"
+                self._send(403, _status(
+                    403, "Forbidden",
+                    f'{resource} "{name or ns}" is forbidden: User "system:serviceaccount:'
+                    f'tuner:tuner" cannot {verb} resource "{resource}" in API group "" in the '
+                    f'namespace "{ns}"', name or ""))
+                return
+            if "/configmaps" not in self.path:
+                if verb == "get" and ns in state.namespaces:
+                    self._send(200, {"kind": "Namespace", "apiVersion": "v1",
+                                     "metadata": {"name": ns}})
+                else:
+                    self._send(404, _status(404, "NotFound", f'namespaces "{ns}" not found'))
+                return
+            if ns not in state.namespaces:
+                self._send(404, _status(404, "NotFound", f'namespaces "{ns}" not found'))
+                return
+            getattr(self, f"_{verb}")(ns, name)
+
+    def _get(self, ns: str, name: str) -> None:
+        obj = self.state.configmaps.get((ns, name))
+        if obj is None:
+            self._send(404, _status(404, "NotFound", f'configmaps "{name}" not found', name))
+        else:
+            self._send(200, obj)
+
+    def _validate(self, ns: str, obj: dict[str, Any]) -> str | None:
+        name = obj.get("metadata", {}).get("name", "")
+        if not _NAME.fullmatch(name or ""):
+            return f'ConfigMap "{name}" is invalid: metadata.name: Invalid value: "{name}"'
+        for key, value in (obj.get("data") or {}).items():
+            if not isinstance(value, str):
+                return f'ConfigMap "{name}" is invalid: data[{key}]: must be a string'
+        if self.state.reject:
+            return f'admission webhook "policy.example" denied the request: {self.state.reject}'
+        return None
+
+    def _create(self, ns: str, _name: str | None) -> None:
+        obj = self._body()
+        problem = self._validate(ns, obj)
+        name = obj.get("metadata", {}).get("name", "")
+        if problem:
+            self._send(422, _status(422, "Invalid", problem, name))
+            return
+        if (ns, name) in self.state.configmaps:
+            self._send(409, _status(409, "AlreadyExists", f'configmaps "{name}" already exists',
+                                    name))
+            return
+        obj["metadata"].update(namespace=ns, resourceVersion=self.state.next_version(),
+                               uid=f"uid-{name}")
+        self.state.configmaps[(ns, name)] = obj
+        self._send(201, obj)
+
+    def _update(self, ns: str, name: str) -> None:
+        obj = self._body()
+        current = self.state.configmaps.get((ns, name))
+        if current is None:
+            self._send(404, _status(404, "NotFound", f'configmaps "{name}" not found', name))
+            return
+        if self.state.conflicts > 0:  # another writer got there first
+            self.state.conflicts -= 1
+            current["metadata"]["resourceVersion"] = self.state.next_version()
+        if obj.get("metadata", {}).get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            self._send(409, _status(
+                409, "Conflict", f'Operation cannot be fulfilled on configmaps "{name}": the '
+                "object has been modified; please apply your changes to the latest version "
+                "and try again", name))
+            return
+        problem = self._validate(ns, obj)
+        if problem:
+            self._send(422, _status(422, "Invalid", problem, name))
+            return
+        obj["metadata"].update(namespace=ns, resourceVersion=self.state.next_version(),
+                               uid=current["metadata"].get("uid"))
+        self.state.configmaps[(ns, name)] = obj
+        self._send(200, obj)
+
+    def do_GET(self) -> None:
+        self._route("get")
+
+    def do_POST(self) -> None:
+        self._route("create")
+
+    def do_PUT(self) -> None:
+        self._route("update")
+
+
+@contextmanager
+def kube_api(tmp_path: Path) -> Iterator[tuple[KubeState, Path]]:
+    """Serve the API on 127.0.0.1 (a port the OS picks); yield the state and a kubeconfig."""
+    state = KubeState()
+    handler = type("Handler", (_Handler,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {
+            "server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "users": [{"name": "tuner", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "tuner"}}]}))
+    try:
+        yield state, kubeconfig
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
