@@ -1,13 +1,16 @@
 # The two commands of the README. Each installs what is missing first (scripts/setup).
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup setup-test
 
 setup:
 	@./scripts/setup
 
+setup-test:
+	@./scripts/setup test
+
 demo: setup
 	.venv/bin/tuner demo
 
-test: setup lint
+test: setup-test lint
 	.venv/bin/pytest
 
 lint: setup

@@ -273,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(handler=cmd_apply)
+
+    report = commands.add_parser(
+        "report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write one self-contained HTML report of a results store",
+        description="One HTML file with no external references: the recommendation, the\n"
+                    "heatmap of failure rate over proxy idle x upstream idle, the failure\n"
+                    "rate against the margin with exact intervals and the monotone fit, the\n"
+                    "failing idle gaps, and the table of trials with their probe results.",
+        epilog="example:\n  tuner report results.db -o report.html\n\n"
+               + EXIT_CODES.replace("%", "%%"))
+    _add_recommend_options(report)
+    report.add_argument("-o", "--output", default="report.html", metavar="PATH",
+                        help="HTML file to write (default report.html)")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 
@@ -481,6 +495,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"{result.action:13} configmap {result.namespace}/{result.name}")
             if result.diff and args.dry_run:
                 print("\n".join(f"    {line}" for line in result.diff.splitlines()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuner.report import write_report
+
+    built = _report(args)
+    path = Path(args.output)
+    write_report(built, path)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB): experiment "
+          f"{built.experiment_id}, {len(built.records)} trials")
     return 0
 
 

@@ -26,6 +26,9 @@ class RecommendationReport:
     experiment_id: str
     spec: ExperimentSpec
     recommendations: list[Recommendation]
+    records: list[dict[str, Any]]
+    versions: dict[str, str]
+    host: str
 
     @property
     def primary(self) -> Recommendation:
@@ -70,7 +73,8 @@ def build_report(db: Path, *, margin_s: float | None, proxy_idle_s: float | None
     recs = [recommend(records, upstream_idle_setting_s=s, margin_s=margin_s,
                       configured_proxy_idle_s=proxy_idle_s, whole_seconds=whole,
                       target_rate=target_rate) for s in settings]
-    return RecommendationReport(experiment["id"], spec, recs)
+    return RecommendationReport(experiment["id"], spec, recs, [dict(r) for r in records],
+                                experiment["versions"], experiment["host"])
 
 
 def render_report(report: RecommendationReport) -> str:
@@ -100,6 +104,11 @@ def render_report(report: RecommendationReport) -> str:
             lines.append(f"  model             margin {block.margin_low_s:+.2f}.."
                          f"{block.margin_high_s:+.2f} s: {block.rate:.1%} "
                          f"[{block.rate_low:.1%}-{block.rate_high:.1%}] in {block.n_reused}")
+        if rec.gaps:
+            hits = [g for g in rec.gaps if g.n_race]
+            lines.append("  failing gaps      " + (", ".join(
+                f"close{g.offset_ms:+d} ms: {g.n_race}/{g.n_requests}" for g in hits)
+                if hits else "none"))
         for cause in rec.other_causes:
             lines.append(f"  other cause       {cause}")
         if rec.status != "ok":

@@ -120,6 +120,32 @@ def fit_monotone(trials: Iterable[Trial]) -> list[MarginBlock]:
 
 
 @dataclass(frozen=True)
+class GapRow:
+    """Requests and race failures after idle gaps at one offset from the measured close."""
+
+    offset_ms: int
+    n_requests: int
+    n_race: int
+
+
+def per_gap(trials: Iterable[Trial]) -> list[GapRow]:
+    """Which idle gaps produced the failures: pooled over the unsafe trials, by the gap's
+    offset from each trial's measured close (so trials with different closes line up)."""
+    rows: dict[int, list[int]] = {}
+    for trial in trials:
+        if trial.n_race == 0 or trial.upstream_close_s is None:
+            continue
+        for gap, counts in trial.by_gap.items():
+            if gap in ("first", "steady"):
+                continue
+            offset_ms = round((float(gap) - trial.upstream_close_s) * 1000)
+            row = rows.setdefault(offset_ms, [0, 0])
+            row[0] += sum(counts.values())
+            row[1] += sum(n for kind, n in counts.items() if kind in RACE_OUTCOMES)
+    return [GapRow(offset, n, k) for offset, (n, k) in sorted(rows.items())]
+
+
+@dataclass(frozen=True)
 class Evidence:
     n_race: int
     n_reused: int
@@ -147,6 +173,7 @@ class Recommendation:
     other_causes: list[str]
     more_load: str | None
     model: list[MarginBlock]
+    gaps: list[GapRow] = field(default_factory=list)
     alternatives: list[dict[str, str]] = field(default_factory=lambda: list(MITIGATIONS))
 
 
@@ -225,4 +252,5 @@ def recommend(records: Iterable[Mapping[str, Any]], *, upstream_idle_setting_s: 
                      f"{max(0, n_need - n_have)} more (for example a trial at proxy idle "
                      f"{proxy_s or 0:g}s with a larger --max-seconds)")
     return Recommendation(status, upstream_idle_setting_s, close_s, margin, proxy_s, protect_s,
-                          upstream_s, offset_s, evidence, unsafe, other, more_load, model)
+                          upstream_s, offset_s, evidence, unsafe, other, more_load, model,
+                          per_gap(valid))
