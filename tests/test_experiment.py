@@ -32,13 +32,16 @@ def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    ({"proxy_idle": ["1s", "10 parsecs"]}, "proxy_idle[1] '10 parsecs' is not a duration"),
+    ({"proxy_idle": ["1s", "10 parsecs"]}, "proxy_idle[1]: '10 parsecs' is not a duration"),
+    ({"proxy_idle": "1s,1000ms"}, "proxy_idle[1]: '1000ms' repeats an earlier value"),
+    ({"methods": "POST:0"}, "methods: 'POST:0' is not a method mix"),
     ({"proxy": "envoy"}, "proxy: 'envoy' is not one of nginx, haproxy"),
     ({"repeats": 0}, "repeats: 0 must be at least 1"),
     ({"burst_size": "many"}, "burst_size: 'many' must be a whole number"),
-    ({"methods": "POST:x"}, "methods: 'POST:x' must be a method mix"),
+    ({"methods": "POST:x"}, "methods: 'POST:x' is not a method mix"),
     ({"upstream_idel": "1s"}, "upstream_idel: unknown field"),
     ({"max_seconds": -5}, "max_seconds: -5 must be greater than zero"),
+    ({"max_seconds": "0s"}, "max_seconds: '0s' must be greater than zero"),
 ])
 def test_spec_errors_name_the_key_and_value(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -122,28 +125,45 @@ def test_haproxy_records_its_failure_kind(tmp_path: Path) -> None:
     assert trial["n_502"] == 0
 
 
-def test_an_upstream_dying_mid_trial_makes_the_trial_invalid(tmp_path: Path) -> None:
+def test_an_upstream_dying_mid_trial_makes_the_trial_invalid() -> None:
     spec = parse_spec({"max_seconds": 8, "gaps": "1s", "unsafe_after": 0, "safe_after": 0})
-    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=1,
-             upstream_idle_s=5) as lab:
+    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=0.5,
+             upstream_idle_s=1) as lab:
         assert lab.upstream is not None and lab.upstream.process is not None
         pgid = lab.upstream.process.pid
+        # the probe takes ~2 s (Node closes after 2.0 s), Locust starts in ~1 s: at 5 s the
+        # load is running
         killer = threading.Timer(5.0, os.killpg, args=(pgid, signal.SIGKILL))
         killer.start()
         try:
-            record = run_trial(lab, spec, TrialKey(1.0, 5.0, 0))
+            record = run_trial(lab, spec, TrialKey(0.5, 1.0, 0))
         finally:
             killer.cancel()
     assert record["verdict"] == "invalid"
-    assert "upstream" in record["invalid_reason"]
+    assert record["n_requests"] > 0  # the load ran: the trial did not fail in the probe
+    assert record["invalid_reason"].startswith(("a lab process died during the trial",
+                                                "the proxy could not connect to the upstream"))
 
 
-def test_locust_crashing_shows_its_stderr(tmp_path: Path) -> None:
-    # An empty gap list makes the locust module itself fail while Locust starts up.
-    with pytest.raises(LoadError, match="without results; last lines of its output") as info:
-        run_locust(LocustPlan(host_url="http://127.0.0.1:9", gaps_s=[], max_seconds=5),
-                   workdir=tmp_path)
-    assert "ValueError" in str(info.value)
+def test_locust_failing_shows_why(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match=r"Locust exited \(status 2\) without usable results: "
+                                        r".*unrecognized arguments: --no-such-option"):
+        run_locust(LocustPlan(host_url="http://127.0.0.1:9", gaps_s=[1.0], max_seconds=5,
+                              locust_args=("--no-such-option",)), workdir=tmp_path)
+    with pytest.raises(ConfigError, match="gaps"):
+        LocustPlan(host_url="http://127.0.0.1:9", gaps_s=[])
+
+
+def test_steady_mode_sends_the_same_mean_rate_without_gaps(tmp_path: Path) -> None:
+    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=60,
+             upstream_idle_s=5) as lab:
+        assert lab.proxy is not None
+        results = run_locust(LocustPlan(host_url=lab.proxy.url, gaps_s=[1.0], mode="steady",
+                                        burst_size=10, max_seconds=5), workdir=tmp_path)
+    assert results["mode"] == "steady" and set(results["by_gap"]) == {"steady"}
+    # 10 users, one request per user per second, for about 5 s (minus start-up)
+    assert 20 <= results["n_requests"] <= 60, results
+    assert results["counts"] == {"2xx": results["n_requests"]}
 
 
 @pytest.mark.race
@@ -158,15 +178,18 @@ def test_kill_9_then_resume_repeats_no_trial(tmp_path: Path) -> None:
     n_before = 0
     started = set()
     while time.monotonic() < deadline and n_before == 0:
-        time.sleep(0.5)
+        time.sleep(0.1)
         started |= descendants(runner.pid)
         if db.exists():
             with contextlib.suppress(sqlite3.OperationalError):  # not created yet
                 n_before = int(str(_rows(db, "SELECT count(*) FROM trials")[0][0]))
     assert n_before >= 1, "no trial was recorded within 2 minutes"
+    started |= descendants(runner.pid)
     runner.kill()  # kill -9: no cleanup code runs in the runner
     runner.wait(timeout=10)
-    time.sleep(1.0)
+    gone_by = time.monotonic() + 10  # the parent-death signal asks for a graceful stop
+    while alive(started) and time.monotonic() < gone_by:
+        time.sleep(0.1)
     assert not alive(started), "lab or Locust processes outlived the killed runner"
     first = _rows(db, "SELECT cell, repeat, started_at FROM trials ORDER BY started_at")
 

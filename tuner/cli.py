@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from tuner import __version__
 from tuner.durations import EXAMPLES, format_seconds, parse_duration
-from tuner.errors import ConfigError, LabError, TunerError
-from tuner.lab import BUILTIN_UPSTREAMS, PROXIES, Lab, Upstream, command_upstream, get_upstream
+from tuner.errors import ConfigError, LabError, LoadError, TunerError
+from tuner.lab import BUILTIN_UPSTREAMS, PROXIES, Lab
+from tuner.lab.upstreams import upstream_from
 
 if TYPE_CHECKING:
     from tuner.experiment.runner import ExperimentRun
@@ -79,12 +80,6 @@ def _add_lab_options(parser: argparse.ArgumentParser) -> None:
                         help="the upstream's idle keep-alive timeout, set through its own "
                              "option (Node keepAliveTimeout, uvicorn --timeout-keep-alive, ...); "
                              "default 5s")
-
-
-def _upstream_from(args: argparse.Namespace) -> Upstream:
-    if args.upstream_cmd is not None:
-        return command_upstream(args.upstream_cmd)
-    return get_upstream(args.upstream)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,7 +300,7 @@ def _add_recommend_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
-    upstream = _upstream_from(args)
+    upstream = upstream_from(args.upstream, args.upstream_cmd)
     with Lab(proxy=args.proxy, upstream=upstream, proxy_idle_s=args.proxy_idle,
              upstream_idle_s=args.upstream_idle) as lab:
         info = lab.info()
@@ -329,11 +324,24 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
             time.sleep(0.5)
 
 
+def _clear_demo_store(db: Path) -> None:
+    """Remove an earlier demo's store; refuse to touch any other file."""
+    from tuner.demo import is_demo_store
+
+    if not db.exists():
+        return
+    if not is_demo_store(db):
+        raise ConfigError(f"{db} exists and is not a demo results store; choose another --db "
+                          "(the demo replaces its store on every run)")
+    for path in (db, db.with_name(db.name + "-journal")):
+        path.unlink(missing_ok=True)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tuner.demo import explain_demo, run_demo
     from tuner.render import render_trials
 
-    Path(args.db).unlink(missing_ok=True)
+    _clear_demo_store(Path(args.db))
     say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
     run = run_demo(db=args.db, say=say)
     if args.json:
@@ -426,12 +434,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if not args.json and sys.stderr.isatty():
         def tick(line: str) -> None:
             print(f"\r{line}", end="", file=sys.stderr, flush=True)
+    resume_hint = (f"the trials finished so far are in {spec.db}; continue with\n"
+                   f"  tuner experiment --db {spec.db} --resume")
     try:
         run = run_experiment(spec, resume=args.resume, say=say, tick=tick)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the trials finished so far are in {spec.db}; continue with\n"
-              f"  tuner experiment --db {spec.db} --resume", file=sys.stderr)
+        print(f"\ninterrupted: {resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (LabError, LoadError) as exc:
+        print(f"error: {exc}\n{resume_hint}", file=sys.stderr)
+        return exc.exit_code
     if args.json:
         print(json.dumps(_experiment_document(run), indent=2))
     else:
@@ -453,8 +465,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     with ResultsStore(db) as store:
         experiment = store.experiment(args.experiment_id)
         if experiment is None:
+            ids = store.experiment_ids()
             raise ConfigError(f"{db} holds no experiment"
-                              + (f" with id {args.experiment_id!r}" if args.experiment_id else ""))
+                              + (f" with id {args.experiment_id!r}; it holds "
+                                 f"{', '.join(ids) or 'none'}" if args.experiment_id else ""))
         trials = store.trials(experiment["id"])
     spec = ExperimentSpec.from_stored(experiment["spec"])
     run = ExperimentRun(experiment["id"], db, spec, trials,

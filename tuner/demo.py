@@ -9,12 +9,27 @@ connections after about 2.0 s. nginx's upstream idle timeout takes three values 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from tuner.errors import StoreError
 from tuner.experiment.runner import ExperimentRun, run_experiment
-from tuner.experiment.spec import parse_spec
+from tuner.experiment.spec import ExperimentSpec, parse_spec
+from tuner.store import ResultsStore
 
 DEMO_GRID = {"proxy": "nginx", "upstream": "node", "proxy_idle": "1s,2s,3s",
              "upstream_idle": "1s", "max_seconds": 40}
+
+
+def is_demo_store(db: Path) -> bool:
+    """True if every experiment in `db` is a demo's (so the demo may replace the file)."""
+    try:
+        with ResultsStore(db, busy_timeout_s=1.0) as store:
+            experiments = [store.experiment(i) for i in store.experiment_ids()]
+    except StoreError:
+        return False
+    demo = parse_spec(DEMO_GRID).cells()
+    return all(e is not None and ExperimentSpec.from_stored(e["spec"]).cells() == demo
+               for e in experiments)
 
 
 def run_demo(*, db: str, say: Callable[[str], None] = print) -> ExperimentRun:

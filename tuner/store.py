@@ -40,10 +40,11 @@ CREATE TABLE trials (
     experiment_id TEXT NOT NULL REFERENCES experiments(id),
     cell TEXT NOT NULL,
     repeat INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL NOT NULL,
     record_json TEXT NOT NULL,
-    PRIMARY KEY (experiment_id, cell, repeat)
+    PRIMARY KEY (experiment_id, cell, repeat, attempt)
 );
 """
 
@@ -58,6 +59,8 @@ class TrialRecord:
     started_at: float
     finished_at: float
     record: Mapping[str, Any] = field(default_factory=dict)
+    #: 0, or how many earlier attempts of this trial were invalid (re-run on --resume)
+    attempt: int = 0
 
 
 class ResultsStore:
@@ -68,7 +71,8 @@ class ResultsStore:
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open results store {path}: {exc}") from exc
+            raise StoreError(f"cannot open results store {path}: {exc}; check that its "
+                             "directory exists and is writable") from exc
         try:
             self._check_or_create()
         except BaseException:
@@ -95,7 +99,8 @@ class ResultsStore:
                 raise
             self._db.execute("COMMIT")
         except sqlite3.IntegrityError as exc:
-            raise StoreError(f"could not {what} in {self.path}: {exc} (already recorded)"
+            raise StoreError(f"could not {what} in {self.path}: it is already recorded "
+                             f"({exc}); list the store with `tuner results {self.path}`"
                              ) from exc
         except sqlite3.Error as exc:
             hint = ("another process holds it; wait or use another --db" if "locked" in str(exc)
@@ -108,8 +113,9 @@ class ResultsStore:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             n_tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"could not read {self.path}: {exc}; another process holds it; "
-                             "wait or use another --db") from exc
+            hint = ("another process holds it; wait or use another --db"
+                    if "locked" in str(exc) else "check the path and its permissions")
+            raise StoreError(f"could not read {self.path}: {exc}; {hint}") from exc
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a tuner results store (not SQLite: {exc}); "
                              "choose another --db path") from exc
@@ -148,13 +154,20 @@ class ResultsStore:
 
     def add_trial(self, trial: TrialRecord) -> None:
         """Write one finished trial in its own transaction."""
-        with self._transaction("record a trial") as db:
-            db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?)",
-                       (trial.experiment_id, trial.cell, trial.repeat, trial.started_at,
-                        trial.finished_at, json.dumps(trial.record, sort_keys=True)))
+        what = f"record trial {trial.cell} repeat {trial.repeat} attempt {trial.attempt}"
+        with self._transaction(what) as db:
+            db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (trial.experiment_id, trial.cell, trial.repeat, trial.attempt,
+                        trial.started_at, trial.finished_at,
+                        json.dumps(trial.record, sort_keys=True)))
 
     def trials(self, experiment_id: str) -> list[TrialRecord]:
         rows = self._db.execute(
-            "SELECT experiment_id, cell, repeat, started_at, finished_at, record_json "
+            "SELECT experiment_id, cell, repeat, started_at, finished_at, record_json, attempt "
             "FROM trials WHERE experiment_id = ? ORDER BY started_at", (experiment_id,))
-        return [TrialRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        return [TrialRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
+                for r in rows]
+
+    def experiment_ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT id FROM experiments ORDER BY created_at")]

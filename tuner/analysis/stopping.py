@@ -10,8 +10,10 @@ The rule, checked after every burst:
 - safe: no race failure at all after `safe_after_requests` requests that reused idle
   connections (every request of a burst that followed a gap), and only once every gap of
   the schedule was tried `min_cycles` times: the window is a few ms wide and the sweep must
-  have passed over it. 200 requests with 0 failures put the 95 % upper bound on the failure
-  rate at 1.5 % (rule of three), far below the 5-10 % the race gives per reused request.
+  have passed over it. 300 requests with 0 failures put the 95 % upper bound on the failure
+  rate at 1 % (rule of three); the lab's unsafe cells measured 1.8-13 % per reused request,
+  so an unsafe cell passes as safe with a probability of at most (1 - 0.018)^300 = 0.4 %.
+- 0 for either threshold means "never stop early for this reason".
 - otherwise the trial runs to its budget; then it is unsafe with any race failure, else
   inconclusive.
 """
@@ -29,7 +31,7 @@ RACE_OUTCOMES = frozenset({Outcome.BAD_GATEWAY, Outcome.UNAVAILABLE, Outcome.RES
 @dataclass(frozen=True)
 class StopRule:
     unsafe_after_failures: int = 3
-    safe_after_requests: int = 200
+    safe_after_requests: int = 300
     min_cycles: int = 1
 
 
@@ -39,9 +41,10 @@ def n_race_failures(counts: Mapping[str, int]) -> int:
 
 def decide(*, n_race: int, n_reused: int, n_cycles: int, rule: StopRule) -> str | None:
     """"unsafe" or "safe" once the evidence is decisive, else None (keep going)."""
-    if n_race >= rule.unsafe_after_failures:
+    if rule.unsafe_after_failures and n_race >= rule.unsafe_after_failures:
         return "unsafe"
-    if n_race == 0 and n_reused >= rule.safe_after_requests and n_cycles >= rule.min_cycles:
+    if (rule.safe_after_requests and n_race == 0 and n_reused >= rule.safe_after_requests
+            and n_cycles >= rule.min_cycles):
         return "safe"
     return None
 

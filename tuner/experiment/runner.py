@@ -32,16 +32,18 @@ from tuner import __version__
 from tuner.analysis.outcomes import Outcome
 from tuner.analysis.signatures import count_haproxy_signatures, count_nginx_signatures, n_races
 from tuner.analysis.stopping import n_race_failures, trial_verdict
-from tuner.durations import format_seconds
+from tuner.durations import format_seconds, plain_seconds
 from tuner.errors import ConfigError, ProbeError
 from tuner.experiment.spec import ExperimentSpec
-from tuner.lab import Lab, Upstream, command_upstream, get_upstream
+from tuner.lab import Lab
+from tuner.lab.lab import get_proxy_class
+from tuner.lab.upstreams import upstream_from
 from tuner.load.bursts import straddling_gaps
 from tuner.load.locust_runner import LocustPlan, run_locust
 from tuner.probe import parse_target, probe
 from tuner.store import ResultsStore, TrialRecord
 
-#: the probe's limit: well past any upstream setting of a trial, so a close is seen
+#: connections the probe measures before each trial (the minimum is what gaps straddle)
 PROBE_SAMPLES = 3
 
 
@@ -53,7 +55,7 @@ class TrialKey:
 
     @property
     def cell(self) -> str:
-        return f"{self.proxy_idle_s:g}|{self.upstream_idle_s:g}"
+        return f"{plain_seconds(self.proxy_idle_s)}|{plain_seconds(self.upstream_idle_s)}"
 
 
 def trial_order(spec: ExperimentSpec) -> list[TrialKey]:
@@ -63,15 +65,9 @@ def trial_order(spec: ExperimentSpec) -> list[TrialKey]:
     return keys
 
 
-def upstream_of(spec: ExperimentSpec) -> Upstream:
-    if spec.upstream_cmd:
-        return command_upstream(spec.upstream_cmd)
-    return get_upstream(spec.upstream)
-
-
 def check_grid(spec: ExperimentSpec) -> None:
     """Refuse, before anything starts, a grid value the upstream cannot take."""
-    upstream = upstream_of(spec)
+    upstream = upstream_from(spec.upstream, spec.upstream_cmd)
     for idle_s in spec.upstream_idle_s:
         try:
             upstream.argv(port=1, idle_s=idle_s)
@@ -88,9 +84,8 @@ def _program_version(argv: list[str]) -> str:
         else "unknown"
 
 
-def _versions(lab: Lab, spec: ExperimentSpec) -> dict[str, str]:
-    assert lab.proxy is not None
-    versions = {"tuner": __version__, spec.proxy: lab.proxy.version(),
+def _versions(spec: ExperimentSpec) -> dict[str, str]:
+    versions = {"tuner": __version__, spec.proxy: get_proxy_class(spec.proxy).binary_version(),
                 "python": platform.python_version()}
     for package in ("locust", "uvicorn", "gunicorn", "hypercorn"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -112,8 +107,11 @@ class ExperimentRun:
 def run_experiment(spec: ExperimentSpec, *, resume: bool,
                    say: Callable[[str], None] = print,
                    tick: Callable[[str], None] | None = None) -> ExperimentRun:
-    """Run (or resume) an experiment; every finished trial is in the store at once."""
-    check_grid(spec)
+    """Run (or resume) an experiment; every finished trial is in the store at once.
+
+    On --resume, the newest experiment of the store continues with its stored spec; trials
+    recorded as invalid (the lab failed) are run again, as a further attempt.
+    """
     db = Path(spec.db)
     with ResultsStore(db) as store:
         stored = store.experiment() if resume else None
@@ -123,32 +121,38 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
         if stored is not None:
             experiment_id = stored["id"]
             spec = ExperimentSpec.from_stored(stored["spec"])
-        else:
+        check_grid(spec)
+        if stored is None:
             experiment_id = uuid.uuid4().hex[:12]
+            # recorded before anything starts, so --resume finds it whatever happens next
+            store.add_experiment(experiment_id=experiment_id, created_at=time.time(),
+                                 spec=spec.as_dict(), versions=_versions(spec),
+                                 host=platform.node())
         order = trial_order(spec)
-        done = {(t.cell, t.repeat) for t in store.trials(experiment_id)}
-        todo = [key for key in order if (key.cell, key.repeat) not in done]
-        if stored is not None:
-            say(f"resuming experiment {experiment_id}: {len(done)} of {len(order)} trials "
-                f"already recorded in {db}")
+        attempts: dict[tuple[str, int], int] = {}
+        valid = set()
+        for trial in store.trials(experiment_id):
+            key = (trial.cell, trial.repeat)
+            attempts[key] = max(attempts.get(key, 0), trial.attempt + 1)
+            if trial.record.get("verdict") != "invalid":
+                valid.add(key)
+        todo = [key for key in order if (key.cell, key.repeat) not in valid]
+        say(f"{'resuming ' if stored else ''}experiment {experiment_id}: {len(order)} trials"
+            f"{f', {len(valid)} already recorded' if stored else ''}, results in {db}")
         if todo:
             first = todo[0]
-            with Lab(proxy=spec.proxy, upstream=upstream_of(spec),
+            with Lab(proxy=spec.proxy, upstream=upstream_from(spec.upstream, spec.upstream_cmd),
                      proxy_idle_s=first.proxy_idle_s,
                      upstream_idle_s=first.upstream_idle_s) as lab:
-                if stored is None:
-                    store.add_experiment(experiment_id=experiment_id, created_at=time.time(),
-                                         spec=spec.as_dict(), versions=_versions(lab, spec),
-                                         host=platform.node())
-                    say(f"experiment {experiment_id}: {len(order)} trials, results in {db}")
-                _run_trials(lab, spec, store, experiment_id, todo, n_total=len(order),
-                            n_done=len(done), say=say, tick=tick)
+                _run_trials(lab, spec, store, experiment_id, todo, attempts,
+                            n_total=len(order), n_done=len(valid), say=say, tick=tick)
         trials = store.trials(experiment_id)
     return ExperimentRun(experiment_id, db, spec, trials, len(order))
 
 
 def _run_trials(lab: Lab, spec: ExperimentSpec, store: ResultsStore, experiment_id: str,
-                todo: list[TrialKey], *, n_total: int, n_done: int,
+                todo: list[TrialKey], attempts: dict[tuple[str, int], int], *, n_total: int,
+                n_done: int,
                 say: Callable[[str], None], tick: Callable[[str], None] | None) -> None:
     started = time.monotonic()
     n_failed_so_far = 0
@@ -164,7 +168,8 @@ def _run_trials(lab: Lab, spec: ExperimentSpec, store: ResultsStore, experiment_
         trial_started = time.time()
         record = run_trial(lab, spec, key, tick=tick)
         store.add_trial(TrialRecord(experiment_id, key.cell, key.repeat, trial_started,
-                                    time.time(), record))
+                                    time.time(), record,
+                                    attempts.get((key.cell, key.repeat), 0)))
         n_failed_so_far += int(record.get("n_failed", 0))
         say("    " + describe_trial(record))
 
@@ -216,8 +221,8 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey,
     counts: dict[str, int] = results.get("counts", {})
     n_requests = sum(counts.values())
     n_failed = sum(n for kind, n in counts.items() if kind != Outcome.OK)
-    n_reused = sum(sum(c.values()) for g, c in results.get("by_gap", {}).items() if g != "first")
-    n_cycles = max(0, results.get("n_bursts", 0) - 1) // max(1, len(gaps_s))
+    n_reused = int(results.get("n_reused", 0))
+    n_cycles = int(results.get("n_cycles", 0))
     record.update(
         gaps_s=gaps_s, n_requests=n_requests, n_502=counts.get(Outcome.BAD_GATEWAY.value, 0),
         n_failed=n_failed, failure_rate=(n_failed / n_requests) if n_requests else None,
@@ -244,10 +249,7 @@ def describe_trial(record: dict[str, Any]) -> str:
     """One line for people about a finished trial."""
     if record["verdict"] == "invalid":
         return f"INVALID: {record['invalid_reason']}"
-    close = record.get("upstream_close_s")
     return (f"{record['verdict'].upper()}: {record['n_failed']} failed of "
             f"{record['n_requests']} ({record['n_502']} x 502), "
             f"{record['n_proxy_log_races']} race lines in the proxy log; upstream closed "
-            f"idle connections after {close:.3f} s" if close is not None else
-            f"{record['verdict'].upper()}: {record['n_failed']} failed of "
-            f"{record['n_requests']}")
+            f"idle connections after {record['upstream_close_s']:.3f} s")

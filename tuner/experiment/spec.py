@@ -37,6 +37,7 @@ from typing import Any
 from tuner.analysis.stopping import StopRule
 from tuner.durations import EXAMPLES, parse_duration
 from tuner.errors import ConfigError, TunerError
+from tuner.load.methods import parse_method_mix
 
 PROXIES = ("nginx", "haproxy")
 UPSTREAMS = ("node", "uvicorn", "gunicorn", "hypercorn")
@@ -66,10 +67,8 @@ class ExperimentSpec:
     write_back: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready, for the results store (and for comparing specs on --resume)."""
-        data = dataclasses.asdict(self)
-        data["stop"] = dataclasses.asdict(self.stop)
-        return data
+        """JSON-ready, for the results store."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> ExperimentSpec:
@@ -97,17 +96,18 @@ def _duration(key: str, value: object) -> float:
         return float(value)
     if not isinstance(value, str):
         raise _bad(key, value, f"is not a duration; write {EXAMPLES}")
-    try:
-        return parse_duration(value, what=key)
-    except ConfigError as exc:
-        raise ConfigError(str(exc)) from None
+    return parse_duration(value, what=f"{key}:")
 
 
 def _durations(key: str, value: object) -> tuple[float, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise _bad(key, value, "must be a duration or a non-empty list of durations")
-    return tuple(_duration(f"{key}[{i}]", item) for i, item in enumerate(items))
+    values = tuple(_duration(f"{key}[{i}]", item) for i, item in enumerate(items))
+    for i, seconds in enumerate(values):
+        if any(abs(seconds - earlier) < 1e-9 for earlier in values[:i]):
+            raise _bad(f"{key}[{i}]", items[i], "repeats an earlier value of the list")
+    return values
 
 
 def _int(key: str, value: object, *, minimum: int) -> int:
@@ -180,10 +180,7 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
 def _method_mix(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise _bad(key, value, "must be a method mix such as POST or POST:3,GET:1")
-    for part in value.split(","):
-        method, _, weight = part.strip().partition(":")
-        if not method.isalpha() or (weight and not weight.isdigit()):
-            raise _bad(key, value, "must be a method mix such as POST or POST:3,GET:1")
+    parse_method_mix(value, what=key)
     return value.upper()
 
 

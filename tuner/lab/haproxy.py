@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tuner.durations import haproxy_time
 from tuner.lab.errorlog import ErrorLog
-from tuner.lab.process import LOOPBACK
+from tuner.lab.process import LOOPBACK, require_program
 from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
 
 #: The proxy's response timeout toward the upstream; not an idle timeout.
@@ -95,7 +95,9 @@ class HaproxyProxy(Proxy):
     def run_argv(self) -> list[str]:
         return [self.binary, "-W", "-db", "-f", str(self.conf_path)]
 
-    def version(self) -> str:
-        out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)
+    @classmethod
+    def binary_version(cls) -> str:
+        binary = require_program(cls.name, package=cls.package)
+        out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
         first = out.stdout.splitlines()[0] if out.stdout else ""
         return first.removeprefix("HAProxy version ").split(" ")[0]

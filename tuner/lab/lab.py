@@ -9,7 +9,6 @@ SIGTERM turned into an exception by the CLI) stops them all and removes the dire
 from __future__ import annotations
 
 import shutil
-import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from types import TracebackType
 from tuner.errors import ConfigError, ProcessStartError
 from tuner.lab.haproxy import HaproxyProxy
 from tuner.lab.nginx import NginxProxy
-from tuner.lab.process import LOOPBACK, ManagedProcess, http_get, pick_free_port
+from tuner.lab.process import LOOPBACK, ManagedProcess, held_signals, http_get, pick_free_port
 from tuner.lab.proxy import Proxy
 from tuner.lab.upstreams import Upstream
 
@@ -179,8 +178,7 @@ class Lab:
         Ctrl-C and SIGTERM are held back until this is done: a second Ctrl-C in the middle
         of teardown must not leave the upstream running.
         """
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with held_signals():
             try:
                 if self.proxy is not None:
                     self.proxy.stop()
@@ -193,5 +191,3 @@ class Lab:
                     self.upstream = None
                     if not self.keep_workdir:
                         shutil.rmtree(self.workdir, ignore_errors=True)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuner.durations import nginx_time
 from tuner.lab.errorlog import ErrorLog
-from tuner.lab.process import LOOPBACK
+from tuner.lab.process import LOOPBACK, require_program
 from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
 
 #: Cached idle connections per worker: above the largest burst the lab sends, so a burst's
@@ -105,6 +105,8 @@ class NginxProxy(Proxy):
     def run_argv(self) -> list[str]:
         return self._argv(self.conf_path)
 
-    def version(self) -> str:
-        out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)
+    @classmethod
+    def binary_version(cls) -> str:
+        binary = require_program(cls.name, package=cls.package)
+        out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
         return (out.stderr or out.stdout).strip().removeprefix("nginx version: nginx/")

@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tuner.errors import LabError, MissingProgramError, ProcessStartError
@@ -63,6 +63,17 @@ def _die_with_parent(parent_pid: int) -> None:  # pragma: no cover - runs in the
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while the block runs (teardown must finish: a second
+    Ctrl-C in the middle of it would leave a process running); they arrive afterwards."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def tail(path: Path, n_lines: int = 5) -> str:

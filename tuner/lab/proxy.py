@@ -59,9 +59,14 @@ class Proxy(ABC):
     def run_argv(self) -> list[str]:
         """The foreground master process."""
 
-    @abstractmethod
     def version(self) -> str:
         """The proxy's version, e.g. "1.22.1"."""
+        return self.binary_version()
+
+    @classmethod
+    @abstractmethod
+    def binary_version(cls) -> str:
+        """The installed proxy's version, without starting it."""
 
     # -- shared mechanics ----------------------------------------------------------------
     @property

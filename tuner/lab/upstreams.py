@@ -97,6 +97,11 @@ def get_upstream(name: str) -> Upstream:
             "or bring your own with --upstream-cmd 'COMMAND {port} {idle_s}'") from None
 
 
+def upstream_from(name: str, command: str | None) -> Upstream:
+    """The user's own server when a command is given, else the built-in one called `name`."""
+    return command_upstream(command) if command else get_upstream(name)
+
+
 def command_upstream(template: str) -> Upstream:
     """A user's own server: `template` must contain {port} and {idle_s} or {idle_ms}."""
     try:

@@ -23,25 +23,31 @@ writes the totals as JSON to `--tuner-results` when the run ends.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
-from collections import Counter
 from typing import Any
 
 import gevent
 from gevent.event import Event
 from locust import FastHttpUser, LoadTestShape, constant, events, task
 from locust.env import Environment
+from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
 from tuner.analysis.outcomes import Outcome, outcome_of_status
-from tuner.analysis.stopping import StopRule, decide, n_race_failures
+from tuner.analysis.stopping import StopRule
+from tuner.errors import TunerError
+from tuner.load.conduct import STEADY, BurstTally, Hub, NextBurst, Stop
+from tuner.load.methods import parse_method_mix
 
 _MSG_DONE = "tuner_burst_done"
 _MSG_AT = "tuner_burst_at"
-#: how long a burst may take before the conductor moves on without a late user
-BURST_TIMEOUT_S = 15.0
+#: how long after its start a burst is reported without a late user: above the user's
+#: connection_timeout + network_timeout (5 + 10 s), so only a request that failed anyway
+#: can miss it (and it is then counted with the next report)
+BURST_TIMEOUT_S = 20.0
 
 
 @events.init_command_line_parser.add_listener
@@ -75,165 +81,102 @@ def _options(environment: Environment) -> Any:
     return environment.parsed_options
 
 
-def parse_method_mix(text: str) -> list[str]:
-    """"POST:3,GET:1" -> ["POST", "POST", "POST", "GET"]."""
-    mix: list[str] = []
-    for part in text.split(","):
-        method, _, weight = part.strip().partition(":")
-        mix += [method.upper()] * (int(weight) if weight else 1)
-    if not mix or not all(m.isalpha() for m in mix):
-        raise ValueError(f"--tuner-methods {text!r} is not a method mix such as POST:3,GET:1")
-    return mix
-
-
 class _Conductor:
-    """Schedules bursts in one process and, where it is the hub, decides what comes next."""
+    """Glue between Locust and the pure bookkeeping (tuner.load.conduct): one per process."""
 
     def __init__(self, environment: Environment) -> None:
         options = _options(environment)
         self.environment = environment
+        self.mode = options.tuner_mode
         self.gaps_s = [float(g) for g in options.tuner_gaps.split(",")]
-        self.rule = StopRule(
-            unsafe_after_failures=options.tuner_unsafe_after or 10**9,
-            safe_after_requests=options.tuner_safe_after or 10**9)
-        self.max_requests = options.tuner_max_requests or 10**12
+        if not self.gaps_s or min(self.gaps_s) <= 0:
+            raise ValueError(f"--tuner-gaps {options.tuner_gaps!r}: positive seconds needed")
+        self.methods = parse_method_mix(options.tuner_methods, what="--tuner-methods")
         self.results_path = options.tuner_results
         self.started_at = time.time()
-        # burst scheduling (every process)
+        self.tally = BurstTally(self.gaps_s)
+        self.hub = Hub(self.gaps_s, StopRule(unsafe_after_failures=options.tuner_unsafe_after,
+                                             safe_after_requests=options.tuner_safe_after),
+                       max_requests=options.tuner_max_requests)
         self.burst_index = -1
         self.burst_at = 0.0
         self.new_burst = Event()
-        self.users: list[RaceHuntingUser] = []
-        self.answers: list[float] = []
-        self.local_counts: dict[str, Counter[str]] = {}
-        # hub state (local runner or master)
-        self.total: Counter[str] = Counter()
-        self.by_gap: dict[str, Counter[str]] = {}
-        self.n_reports = 0
-        self.first_answers: list[float] = []
-        self.stop_reason = "budget"
-        self.n_bursts = 0
+        self.n_users = 0
         self.finished = False
 
     @property
-    def is_worker(self) -> bool:
-        return isinstance(self.environment.runner, WorkerRunner)
+    def runner(self) -> Any:
+        return self.environment.runner
 
-    def gap_for(self, burst_index: int) -> float | None:
-        return None if burst_index == 0 else self.gaps_s[(burst_index - 1) % len(self.gaps_s)]
-
-    # -- every process: users ask when to fire, and report their answer ----------------
-    def register(self, user: RaceHuntingUser) -> None:
-        self.users.append(user)
-        if self.burst_index < 0 and not self.is_worker:
-            # the first burst once every user exists (the shape spawns them all at once)
-            gevent.spawn_later(1.0, self.schedule, 0, time.time())
+    # -- every process: when to fire, and what came back --------------------------------
+    def start_first_burst(self) -> None:
+        """Once this process's users exist (Locust says spawning is complete)."""
+        if self.burst_index < 0 and self.mode == "bursts":
+            self.schedule(0, time.time() + 0.2)
 
     def schedule(self, index: int, at: float) -> None:
-        if index <= self.burst_index:
+        if index <= self.burst_index or self.finished:
             return
         self.burst_index, self.burst_at = index, at
-        self.answers = []
-        self.local_counts = {}
+        self.tally.start(index, self.n_users)
         # a fresh Event per burst: users waiting on the old one all wake, none can miss it
         released, self.new_burst = self.new_burst, Event()
         released.set()
-        gevent.spawn(self._close_burst_after_timeout, index)
+        gevent.spawn_later(max(0.0, at - time.time()) + BURST_TIMEOUT_S, self._deadline, index)
 
     def answered(self, index: int, answered_at: float, outcome: Outcome) -> None:
-        if index != self.burst_index:
-            return
-        gap = self.gap_for(index)
-        key = "first" if gap is None else f"{gap:.3f}"
-        self.local_counts.setdefault(key, Counter())[outcome.value] += 1
-        self.answers.append(answered_at)
-        if len(self.answers) == len(self.users):
-            self._burst_done(index)
+        report = self.tally.answered(index, answered_at, outcome.value)
+        if report is not None:
+            self._deliver(report)
 
-    def _close_burst_after_timeout(self, index: int) -> None:
-        gevent.sleep(BURST_TIMEOUT_S)
-        if index == self.burst_index and self.answers:
-            self._burst_done(index)
+    def _deadline(self, index: int) -> None:
+        if index == self.burst_index:
+            report = self.tally.report()
+            if report is not None:
+                self._deliver(report)
 
-    def _burst_done(self, index: int) -> None:
-
-        report = {"index": index, "first_answer": min(self.answers),
-                  "counts": {k: dict(v) for k, v in self.local_counts.items()}}
-        self.answers = [float("inf")]  # done: late answers must not report twice
-        runner = self.environment.runner
-        if isinstance(runner, WorkerRunner):
-            runner.send_message(_MSG_DONE, report)
-        else:
-            self.hub_report(report, n_expected=1)
-
-    # -- the hub: merge reports, apply the rule, schedule the next burst -------------------
     def steady_answered(self, outcome: Outcome) -> None:
-        """Steady mode: every answer is reported on its own (index -1), no bursts."""
-        report = {"index": -1, "first_answer": time.time(),
-                  "counts": {"steady": {outcome.value: 1}}}
-        runner = self.environment.runner
-        if isinstance(runner, WorkerRunner):
-            runner.send_message(_MSG_DONE, report)
-        else:
-            self.hub_report(report, n_expected=1)
+        self._deliver({"index": -1, "first_answer": time.time(),
+                       "counts": {STEADY: {outcome.value: 1}}})
 
-    def hub_report(self, report: dict[str, Any], *, n_expected: int) -> None:
-        for key, counts in report["counts"].items():
-            self.by_gap.setdefault(key, Counter()).update(counts)
-            self.total.update(counts)
-        if report["index"] < 0:  # steady: no bursts to schedule, never "safe" early
-            n_race = n_race_failures(self.total)
-            if n_race >= self.rule.unsafe_after_failures or (
-                    sum(self.total.values()) >= self.max_requests):
-                self.stop_reason = "unsafe" if n_race >= self.rule.unsafe_after_failures \
-                    else "max_requests"
-                self.finish()
-            return
-        self.first_answers.append(report["first_answer"])
-        self.n_reports += 1
-        if self.n_reports < n_expected:
-            return
-        index = report["index"]
-        self.n_bursts = index + 1
-        first_answer = min(self.first_answers)
-        self.n_reports, self.first_answers = 0, []
-        n_reused = sum(sum(c.values()) for k, c in self.by_gap.items() if k != "first")
-        n_cycles = index // len(self.gaps_s)
-        verdict = decide(n_race=n_race_failures(self.total), n_reused=n_reused,
-                         n_cycles=n_cycles, rule=self.rule)
-        if verdict is not None or sum(self.total.values()) >= self.max_requests:
-            self.stop_reason = verdict or "max_requests"
-            self.finish()
-            return
-        next_at = first_answer + self.gaps_s[index % len(self.gaps_s)]
-        runner = self.environment.runner
-        if isinstance(runner, MasterRunner):
-            runner.send_message(_MSG_AT, {"index": index + 1, "at": next_at})
+    def _deliver(self, report: dict[str, Any]) -> None:
+        """To the master from a worker; to this process's own hub otherwise."""
+        if isinstance(self.runner, WorkerRunner):
+            self.runner.send_message(_MSG_DONE, report)
         else:
-            self.schedule(index + 1, next_at)
+            self.on_report("local", report)
+
+    # -- the hub (single process or master) ---------------------------------------------
+    def on_report(self, sender: str, report: dict[str, Any]) -> None:
+        if report["index"] < 0:
+            decision: NextBurst | Stop | None = self.hub.steady(report["counts"])
+        else:
+            if isinstance(self.runner, MasterRunner):
+                self.hub.expect(int(report["index"]), frozenset(
+                    node_id for node_id, worker in self.runner.clients.items()
+                    if worker.user_count > 0))
+            decision = self.hub.report(sender, report)
+        if isinstance(decision, Stop):
+            self.finish()
+        elif isinstance(decision, NextBurst):
+            if isinstance(self.runner, MasterRunner):
+                self.runner.send_message(_MSG_AT, {"index": decision.index, "at": decision.at})
+            else:
+                self.schedule(decision.index, decision.at)
 
     def finish(self) -> None:
         if self.finished:
             return
         self.finished = True
         self.write_results()
-        runner = self.environment.runner
-        if runner is not None:
-            gevent.spawn(runner.quit)
+        if self.runner is not None:
+            gevent.spawn(self.runner.quit)
 
     def write_results(self) -> None:
-        if not self.results_path or self.is_worker:
+        if not self.results_path or isinstance(self.runner, WorkerRunner):
             return
-        document = {
-            "mode": _options(self.environment).tuner_mode,
-            "stop_reason": self.stop_reason,
-            "n_bursts": self.n_bursts,
-            "gaps_s": self.gaps_s,
-            "counts": dict(self.total),
-            "by_gap": {k: dict(v) for k, v in sorted(self.by_gap.items())},
-            "n_requests": sum(self.total.values()),
-            "elapsed_s": round(time.time() - self.started_at, 3),
-        }
+        self.hub.merge(self.tally.flush())  # answers that arrived after their burst's report
+        document = self.hub.results(mode=self.mode, elapsed_s=time.time() - self.started_at)
         temporary = f"{self.results_path}.tmp"
         with open(temporary, "w") as out:
             json.dump(document, out)
@@ -246,24 +189,33 @@ _conductor: _Conductor | None = None
 @events.init.add_listener
 def _on_init(environment: Environment, **_kwargs: Any) -> None:
     global _conductor
-    _conductor = _Conductor(environment)
+    try:
+        _conductor = _Conductor(environment)
+    except (ValueError, TunerError) as exc:
+        # Locust logs and swallows exceptions of init listeners; stop the run instead of
+        # idling through its budget, and say why (run_locust reports the missing results).
+        logging.error("tuner: bad options: %s", exc)
+        if environment.runner is not None:
+            gevent.spawn(environment.runner.quit)
+        return
     runner = environment.runner
     if isinstance(runner, MasterRunner):
         def on_done(msg: Any, **_kw: Any) -> None:  # Locust passes `msg=` by name
-            assert _conductor is not None
-            n_workers = max(1, sum(1 for w in runner.clients.values() if w.user_count > 0))
-            _conductor.hub_report(msg.data, n_expected=n_workers)
+            if _conductor is not None:
+                _conductor.on_report(str(msg.node_id), msg.data)
         runner.register_message(_MSG_DONE, on_done)
     elif isinstance(runner, WorkerRunner):
         def on_at(msg: Any, **_kw: Any) -> None:
-            assert _conductor is not None
-            _conductor.schedule(msg.data["index"], msg.data["at"])
-        runner.register_message(_MSG_AT, on_at)
-        # the first burst of a worker: as soon as its users exist
-        def first_burst() -> None:
             if _conductor is not None:
-                _conductor.schedule(0, time.time())
-        gevent.spawn_later(1.0, first_burst)
+                _conductor.schedule(msg.data["index"], msg.data["at"])
+        runner.register_message(_MSG_AT, on_at)
+
+
+@events.spawning_complete.add_listener
+def _on_spawned(user_count: int, **_kwargs: Any) -> None:
+    if _conductor is not None and not isinstance(_conductor.runner, MasterRunner):
+        _conductor.n_users = user_count
+        _conductor.start_first_burst()
 
 
 @events.quitting.add_listener
@@ -292,18 +244,21 @@ class RaceHuntingUser(FastHttpUser):
     connection_timeout = 5.0
     wait_time = constant(0)  # the conductor paces the user
 
+    n_started = 0
+
     def on_start(self) -> None:
-        assert _conductor is not None
+        if _conductor is None:
+            raise StopUser()  # the options were bad: the run is being stopped
         options = _options(self.environment)
-        self.methods = parse_method_mix(options.tuner_methods)
-        self.random = random.Random(options.tuner_seed + len(_conductor.users))
+        RaceHuntingUser.n_started += 1
+        self.random = random.Random(options.tuner_seed * 100_003 + RaceHuntingUser.n_started)
         self.body = '{"tuner": "race-hunting"}'
         self.done_index = -1
-        self.steady_phase = len(_conductor.users)
-        _conductor.register(self)
+        self.steady_phase = RaceHuntingUser.n_started
 
     def _send(self) -> tuple[Outcome, float]:
-        method = self.random.choice(self.methods)
+        assert _conductor is not None
+        method = self.random.choice(_conductor.methods)
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         with self.client.request(method, _options(self.environment).tuner_path,
                                  data=body, catch_response=True) as response:

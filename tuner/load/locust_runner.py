@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tuner.analysis.stopping import StopRule
-from tuner.errors import LoadError
-from tuner.lab.process import ManagedProcess
+from tuner.errors import ConfigError, LoadError
+from tuner.lab.process import ManagedProcess, held_signals
+from tuner.load.methods import parse_method_mix
 
 #: time for Locust to start (and fork workers) and to stop, on top of a trial's budget
 STARTUP_AND_STOP_S = 30.0
@@ -38,6 +39,19 @@ class LocustPlan:
     workers: int = 0
     seed: int = 0
     stop: StopRule = field(default_factory=StopRule)
+    #: further Locust options, passed as they are (e.g. ("--loglevel", "DEBUG"))
+    locust_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse here what Locust would only log and ignore (see locust_keepalive)."""
+        if not self.gaps_s or min(self.gaps_s) <= 0:
+            raise ConfigError(f"gaps {list(self.gaps_s)}: a non-empty list of positive seconds")
+        parse_method_mix(self.methods)
+        if self.mode not in ("bursts", "steady"):
+            raise ConfigError(f"mode {self.mode!r} is not bursts or steady")
+        if self.burst_size < 1 or self.workers < 0 or self.max_seconds <= 0:
+            raise ConfigError(f"burst_size {self.burst_size} must be >= 1, workers "
+                              f"{self.workers} >= 0, max_seconds {self.max_seconds:g} > 0")
 
 
 def locust_argv(plan: LocustPlan, *, results_path: Path) -> list[str]:
@@ -55,7 +69,7 @@ def locust_argv(plan: LocustPlan, *, results_path: Path) -> list[str]:
             "--tuner-seed", str(plan.seed), "--tuner-results", str(results_path)]
     if plan.workers > 0:
         argv += ["--processes", str(plan.workers)]
-    return argv
+    return argv + list(plan.locust_args)
 
 
 def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
@@ -75,15 +89,23 @@ def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
         while process.exit_status() is None:
             if time.monotonic() > deadline:
                 raise LoadError(f"Locust did not stop within {plan.max_seconds:g}s + "
-                                f"{STARTUP_AND_STOP_S:g}s; last lines:\n{process.stderr_tail()}")
+                                f"{STARTUP_AND_STOP_S:g}s; its log: {process.stderr_path}")
             if on_tick is not None:
                 on_tick(time.monotonic() - started)
             time.sleep(0.25)
     finally:
-        process.stop()
+        with held_signals():
+            process.stop()
+    status = process.exit_status()
     try:
         document: dict[str, Any] = json.loads(results_path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        raise LoadError(f"Locust exited (status {process.exit_status()}) without results; "
-                        f"last lines of its output:\n{process.stderr_tail(8)}") from None
+        document = {}
+    # Locust exits 1 when requests failed (expected here) and 2 on an unhandled error.
+    if not document or status not in (0, 1):
+        problems = [line for line in process.stderr_path.read_text(errors="replace")
+                    .splitlines() if "rror" in line or "tuner:" in line][-3:]
+        raise LoadError(f"Locust exited (status {status}) without usable results: "
+                        + ("; ".join(problems) or "no error line") +
+                        f"; its whole log: {process.stderr_path}")
     return document

@@ -1,0 +1,72 @@
+"""The burst bookkeeping (pure): every answer counted once, whatever the order, lateness or
+duplication of reports; the next burst only once every expected process has reported."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tuner.analysis.stopping import StopRule
+from tuner.load.conduct import FIRST, BurstTally, Hub, NextBurst, Stop, gap_key
+
+GAPS = [1.99, 2.0, 2.01]
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["2xx", "502", "reset"])),
+                max_size=60), st.data())
+def test_every_answer_is_reported_exactly_once(answers: list[tuple[int, str]],
+                                               data: st.DataObject) -> None:
+    tally = BurstTally(GAPS)
+    sent: list[dict[str, dict[str, int]]] = []
+    index = 0
+    tally.start(0, n_users=3)
+    for burst, outcome in sorted(answers, key=lambda a: a[0]):
+        while burst > index:  # the burst's deadline passes; the next one starts
+            report = tally.report()
+            if report:
+                sent.append(report["counts"])
+            index += 1
+            tally.start(index, n_users=3)
+        # some answers arrive late, for an earlier burst
+        late = data.draw(st.booleans()) and index > 0
+        report = tally.answered(index - 1 if late else index, 1.0, outcome)
+        if report:
+            sent.append(report["counts"])
+            assert tally.report() is None  # once only
+    sent.append(tally.flush())
+    total = sum(sum(counts.values()) for report in sent for counts in report.values())
+    assert total == len(answers)
+
+
+def test_gap_keys() -> None:
+    assert gap_key(GAPS, 0) == FIRST
+    assert [gap_key(GAPS, i) for i in (1, 2, 3, 4)] == ["1.990", "2.000", "2.010", "1.990"]
+
+
+def test_hub_waits_for_every_expected_worker_and_ignores_duplicates() -> None:
+    hub = Hub(GAPS, StopRule(unsafe_after_failures=3, safe_after_requests=0))
+    hub.expect(0, frozenset({"w1", "w2"}))
+    report = {"index": 0, "first_answer": 100.0, "counts": {FIRST: {"2xx": 15}}}
+    assert hub.report("w1", report) is None
+    assert hub.report("w1", {**report, "counts": {}}) is None  # a duplicate: no decision
+    decision = hub.report("w2", {**report, "first_answer": 99.5})
+    assert decision == NextBurst(1, 99.5 + GAPS[0])  # from the earliest first answer
+    assert hub.total == {"2xx": 30}
+    hub.expect(1, frozenset({"w1", "w2"}))
+    hub.report("w1", {"index": 1, "first_answer": 102.0, "counts": {"1.990": {"502": 2}}})
+    decision = hub.report("w2", {"index": 1, "first_answer": 102.0,
+                                 "counts": {"1.990": {"502": 1, "2xx": 14}}})
+    assert decision == Stop("unsafe") and hub.stop_reason == "unsafe"
+    assert hub.results(mode="bursts", elapsed_s=3.0)["n_reused"] == 17
+
+
+def test_hub_declares_safe_only_after_a_full_cycle() -> None:
+    hub = Hub(GAPS, StopRule(unsafe_after_failures=3, safe_after_requests=30))
+    decisions = []
+    for index in range(5):
+        key = gap_key(GAPS, index)
+        decisions.append(hub.report("local", {"index": index, "first_answer": float(index),
+                                              "counts": {key: {"2xx": 30}}}))
+    # 30 reused requests after burst 1, but only after burst 3 has every gap been tried
+    assert [isinstance(d, Stop) for d in decisions[:3]] == [False, False, False]
+    assert decisions[3] == Stop("safe")

@@ -1,0 +1,150 @@
+"""The bookkeeping of synchronized bursts, free of Locust and gevent (pure, so testable).
+
+Two roles, as in Locust's distributed mode:
+- a `BurstTally` in every load process counts its users' answers: a burst is done when every
+  user answered or its deadline passed; answers that arrive later (a slow request) are kept
+  under their own burst's gap and go out with the next report, so no answer is lost or
+  counted twice;
+- one `Hub` (the single process, or the master) merges the reports of every sending process,
+  applies the stopping rule, and says when the next burst starts: once every process that
+  was expected for a burst has reported it (duplicates and stale reports are ignored).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuner.analysis.stopping import StopRule, decide, n_race_failures
+
+FIRST = "first"  # the first burst follows no idle gap
+STEADY = "steady"
+
+
+def gap_key(gaps_s: Sequence[float], burst_index: int) -> str:
+    """The key an answer of burst `burst_index` is counted under: its preceding gap."""
+    if burst_index == 0:
+        return FIRST
+    return f"{gaps_s[(burst_index - 1) % len(gaps_s)]:.3f}"
+
+
+@dataclass
+class BurstTally:
+    gaps_s: Sequence[float]
+    index: int = -1
+    n_users: int = 0
+    answers_at: list[float] = field(default_factory=list)
+    pending: dict[str, Counter[str]] = field(default_factory=dict)
+    reported: int = -1
+
+    def start(self, index: int, n_users: int) -> None:
+        self.index, self.n_users, self.answers_at = index, n_users, []
+
+    def answered(self, index: int, answered_at: float, outcome: str) -> dict[str, Any] | None:
+        """Count one answer; return the burst's report once every user has answered."""
+        self.pending.setdefault(gap_key(self.gaps_s, index), Counter())[outcome] += 1
+        if index != self.index or index <= self.reported:
+            return None  # late: it goes out with the next report
+        self.answers_at.append(answered_at)
+        return self.report() if len(self.answers_at) >= self.n_users else None
+
+    def report(self) -> dict[str, Any] | None:
+        """The report of the current burst (also when its deadline passed); once only."""
+        if self.index <= self.reported or not self.answers_at:
+            return None
+        self.reported = self.index
+        report = {"index": self.index, "first_answer": min(self.answers_at),
+                  "counts": {k: dict(v) for k, v in self.pending.items()}}
+        self.pending = {}
+        return report
+
+    def flush(self) -> dict[str, dict[str, int]]:
+        """Counts not yet reported (at the end of the run)."""
+        counts = {k: dict(v) for k, v in self.pending.items()}
+        self.pending = {}
+        return counts
+
+
+@dataclass(frozen=True)
+class NextBurst:
+    index: int
+    at: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str  # "unsafe", "safe" or "max_requests"
+
+
+@dataclass
+class Hub:
+    gaps_s: Sequence[float]
+    rule: StopRule
+    max_requests: int = 0
+    total: Counter[str] = field(default_factory=Counter)
+    by_gap: dict[str, Counter[str]] = field(default_factory=dict)
+    expected: dict[int, frozenset[str]] = field(default_factory=dict)
+    received: dict[int, dict[str, float]] = field(default_factory=dict)
+    n_bursts: int = 0
+    stop_reason: str = "budget"
+
+    def merge(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+        for key, outcomes in counts.items():
+            self.by_gap.setdefault(key, Counter()).update(outcomes)
+            self.total.update(outcomes)
+
+    def expect(self, index: int, senders: frozenset[str]) -> None:
+        """Which processes must report burst `index` before the next one starts."""
+        self.expected.setdefault(index, senders)
+
+    @property
+    def n_reused(self) -> int:
+        """Requests that followed an idle gap (every burst but the first)."""
+        return sum(sum(c.values()) for k, c in self.by_gap.items() if k not in (FIRST, STEADY))
+
+    @property
+    def n_cycles(self) -> int:
+        """Complete passes over the gap schedule."""
+        return max(0, self.n_bursts - 1) // len(self.gaps_s)
+
+    def report(self, sender: str, report: Mapping[str, Any]) -> NextBurst | Stop | None:
+        """Merge one process's report; decide once every expected process has reported."""
+        self.merge(report["counts"])
+        index = int(report["index"])
+        got = self.received.setdefault(index, {})
+        if sender in got or index < self.n_bursts:
+            return self._check_stop()  # a duplicate or stale report: counts only
+        got[sender] = float(report["first_answer"])
+        if set(got) < self.expected.get(index, frozenset({sender})):
+            return None
+        self.n_bursts = index + 1
+        stop = self._check_stop(after_burst=True)
+        if stop is not None:
+            return stop
+        return NextBurst(index + 1, min(got.values()) + self.gaps_s[index % len(self.gaps_s)])
+
+    def steady(self, counts: Mapping[str, Mapping[str, int]]) -> Stop | None:
+        """Steady mode: merge, and stop on the unsafe threshold or the request budget only."""
+        self.merge(counts)
+        return self._check_stop()
+
+    def _check_stop(self, *, after_burst: bool = False) -> Stop | None:
+        verdict = decide(n_race=n_race_failures(self.total), n_reused=self.n_reused,
+                         n_cycles=self.n_cycles, rule=self.rule) if after_burst else (
+            "unsafe" if self.rule.unsafe_after_failures
+            and n_race_failures(self.total) >= self.rule.unsafe_after_failures else None)
+        if verdict is None and self.max_requests and sum(self.total.values()) >= self.max_requests:
+            verdict = "max_requests"
+        if verdict is not None:
+            self.stop_reason = verdict
+            return Stop(verdict)
+        return None
+
+    def results(self, *, mode: str, elapsed_s: float) -> dict[str, Any]:
+        return {"mode": mode, "stop_reason": self.stop_reason, "n_bursts": self.n_bursts,
+                "gaps_s": list(self.gaps_s), "counts": dict(self.total),
+                "by_gap": {k: dict(v) for k, v in sorted(self.by_gap.items())},
+                "n_requests": sum(self.total.values()), "n_reused": self.n_reused,
+                "n_cycles": self.n_cycles, "elapsed_s": round(elapsed_s, 3)}
