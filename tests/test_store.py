@@ -20,7 +20,8 @@ def test_trials_survive_reopening(tmp_path: Path) -> None:
         assert experiment is not None and experiment["spec"] == {"proxy": "nginx"}
         [trial] = store.trials("e1")
         assert trial.record == {"n_502": 4} and trial.cell == "60s|1s"
-        with pytest.raises(StoreError, match="record a trial"):
+        with pytest.raises(StoreError,
+                           match=r"record trial 60s\|1s repeat 0 attempt 0 .* already recorded"):
             store.add_trial(TrialRecord("e1", "60s|1s", 0, 2.0, 3.0, {}))  # no duplicates
 
 

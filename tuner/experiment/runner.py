@@ -113,6 +113,8 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
     recorded as invalid (the lab failed) are run again, as a further attempt.
     """
     db = Path(spec.db)
+    if not resume:
+        check_grid(spec)  # before the store file is even created
     with ResultsStore(db) as store:
         stored = store.experiment() if resume else None
         if resume and stored is None:
@@ -121,7 +123,7 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
         if stored is not None:
             experiment_id = stored["id"]
             spec = ExperimentSpec.from_stored(stored["spec"])
-        check_grid(spec)
+            check_grid(spec)
         if stored is None:
             experiment_id = uuid.uuid4().hex[:12]
             # recorded before anything starts, so --resume finds it whatever happens next
