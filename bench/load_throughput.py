@@ -24,12 +24,21 @@ HERE = Path(__file__).parent
 
 def locust_rps(url: str, *, seconds: float, users: int, workers: int) -> float:
     argv = [sys.executable, "-m", "locust", "-f", str(HERE / "locust_throughput.py"),
-            "--headless", "--host", url, "-u", str(users), "-r", str(users * 10),
+            "--headless", "--host", url, "-u", str(users), "-r", "100",
             "-t", f"{seconds:g}s", "--json", "--skip-log", "--stop-timeout", "2"]
     if workers:
         argv += ["--processes", str(workers)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    stats = json.loads(out.stdout)
+    # with --processes every process prints its own JSON document; the master's has the stats
+    decoder, documents, at = json.JSONDecoder(), [], 0
+    text = out.stdout
+    while at < len(text):
+        if text[at].isspace():
+            at += 1
+            continue
+        document, at = decoder.raw_decode(text, at)
+        documents.append(document)
+    stats = max(documents, key=lambda d: sum(e["num_requests"] for e in d))
     total = sum(entry["num_requests"] for entry in stats)
     first = min(entry["start_time"] for entry in stats)
     last = max(entry["last_request_timestamp"] for entry in stats)
@@ -41,7 +50,7 @@ def wrk_rps(url: str, *, seconds: float, connections: int) -> float | None:
     if wrk is None:
         return None
     out = subprocess.run([wrk, "-t2", f"-c{connections}", f"-d{seconds:g}s",
-                          "-s", str(HERE / "wrk_post.lua"), url],
+                          "-s", str(HERE / "wrk_post.lua"), url + "/"],
                          capture_output=True, text=True, timeout=seconds + 30)
     match = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
     return float(match.group(1)) if match else None
@@ -57,7 +66,7 @@ def main() -> None:
     with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=60,
              upstream_idle_s=5) as lab:
         assert lab.proxy is not None
-        url = lab.proxy.url + "/"
+        url = lab.proxy.url
         wrk = wrk_rps(url, seconds=args.seconds, connections=args.connections)
         single = locust_rps(url, seconds=args.seconds, users=args.connections, workers=0)
         multi = locust_rps(url, seconds=args.seconds, users=args.connections,

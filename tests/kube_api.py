@@ -1,6 +1,7 @@
 """An in-repo HTTP server that speaks the Kubernetes REST protocol for what `tuner` touches:
-Namespaces (get) and ConfigMaps (get, create, replace), with resourceVersion optimistic
-concurrency, and the real error shapes (a `Status` body with 403, 404, 409, 422).
+Namespaces (get) and ConfigMaps (get, create, replace, merge patch, server-side apply), with
+resourceVersion optimistic concurrency, field managers for apply, and the real error shapes
+(a `Status` body with 400, 403, 404, 409, 422).
 
 No Kubernetes API server can be installed on these machines; this lets the real
 `kubernetes` client be tested over HTTP, as kopf tests against a real localhost server.
@@ -18,10 +19,11 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<ns>[^/]+)(?:/configmaps(?:/(?P<name>[^/?]+))?)?)?"
-                   r"(?:\?.*)?$")
+_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<ns>[^/?]+)(?:/configmaps(?:/(?P<name>[^/?]+))?)?)?"
+                   r"(?:\?(?P<query>.*))?$")
 
 
 class KubeState:
@@ -99,7 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
         if obj is None:
             self._send(404, _status(404, "NotFound", f'configmaps "{name}" not found', name))
         else:
-            self._send(200, obj)
+            self._send(200, {k: v for k, v in obj.items() if k != "_owners"})
 
     def _validate(self, ns: str, obj: dict[str, Any]) -> str | None:
         name = obj.get("metadata", {}).get("name", "")
@@ -151,6 +153,68 @@ class _Handler(BaseHTTPRequestHandler):
                                uid=current["metadata"].get("uid"))
         self.state.configmaps[(ns, name)] = obj
         self._send(200, obj)
+
+    def _patch(self, ns: str, name: str) -> None:
+        content_type = self.headers.get("Content-Type", "")
+        patch = self._body()
+        query = parse_qs(urlsplit(self.path).query)
+        current = self.state.configmaps.get((ns, name))
+        if "apply-patch" in content_type:
+            manager = (query.get("fieldManager") or [""])[0]
+            if not manager:
+                self._send(400, _status(400, "BadRequest", "PatchOptions.meta.k8s.io "
+                                        '"" is invalid: fieldManager: Required value', name))
+                return
+            force = (query.get("force") or ["false"])[0] == "true"
+            base = current or {"apiVersion": "v1", "kind": "ConfigMap",
+                               "metadata": {"name": name, "namespace": ns}, "data": {}}
+            owners: dict[str, str] = base.setdefault("_owners", {})
+            conflicts = [key for key, value in (patch.get("data") or {}).items()
+                         if owners.get(key, manager) != manager
+                         and (base.get("data") or {}).get(key) != value]
+            if conflicts and not force:
+                self._send(409, _status(409, "Conflict", f"Apply failed with {len(conflicts)} "
+                                        f'conflict(s): conflict with "{owners[conflicts[0]]}": '
+                                        f".data.{conflicts[0]}", name))
+                return
+            for key in patch.get("data") or {}:
+                owners[key] = manager
+        elif "merge-patch" in content_type:
+            if current is None:
+                self._send(404, _status(404, "NotFound", f'configmaps "{name}" not found', name))
+                return
+            base = current
+        else:
+            self._send(415, _status(415, "UnsupportedMediaType",
+                                    f"the body of the request was in an unknown format: "
+                                    f"{content_type}", name))
+            return
+        expected = patch.get("metadata", {}).get("resourceVersion")
+        if current is not None and expected and expected != current["metadata"][
+                "resourceVersion"]:
+            self._send(409, _status(409, "Conflict", f'Operation cannot be fulfilled on '
+                                    f'configmaps "{name}": the object has been modified', name))
+            return
+        merged = json.loads(json.dumps(base))
+        for key, value in (patch.get("data") or {}).items():
+            if value is None:
+                merged.setdefault("data", {}).pop(key, None)  # RFC 7386: null removes
+            else:
+                merged.setdefault("data", {})[key] = value
+        for field in ("labels", "annotations"):
+            if field in patch.get("metadata", {}):
+                merged["metadata"].setdefault(field, {}).update(patch["metadata"][field])
+        problem = self._validate(ns, merged)
+        if problem:
+            self._send(422, _status(422, "Invalid", problem, name))
+            return
+        merged["metadata"]["resourceVersion"] = self.state.next_version()
+        self.state.configmaps[(ns, name)] = merged
+        public = {k: v for k, v in merged.items() if k != "_owners"}
+        self._send(201 if current is None else 200, public)
+
+    def do_PATCH(self) -> None:
+        self._route("patch")
 
     def do_GET(self) -> None:
         self._route("get")

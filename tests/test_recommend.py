@@ -78,6 +78,10 @@ def test_cli_json_and_configmap(tmp_path: Path) -> None:
     assert [o["metadata"]["name"] for o in objects] == [
         "tuner-keepalive", "ingress-nginx-controller", "checkout"]
     assert objects[0]["data"]["proxy-idle-timeout-seconds"] == "1"
+    assert objects[0]["data"]["nginx-snippet"] == (
+        "upstream app { keepalive 32; keepalive_timeout 1000ms; }")
+    assert objects[0]["data"]["node-snippet"].startswith("server.keepAliveTimeout = ")
+    assert "uvicorn-snippet" not in objects[0]["data"]  # measured on Node, not uvicorn
     assert "0 failures in" in objects[0]["metadata"]["annotations"][
         "tuner.keepalive.dev/evidence"]
     assert objects[1]["data"] == {"upstream-keepalive-timeout": "1"}
@@ -174,3 +178,42 @@ def test_apply_cli_refused_connection_names_the_server(tmp_path: Path) -> None:
     assert result.returncode == 9
     assert "cannot reach the Kubernetes API server at http://127.0.0.1:9 (context gone)" \
         in result.stderr
+
+
+def test_the_test_server_speaks_merge_patch_and_server_side_apply(tmp_path: Path) -> None:
+    """The in-repo API server against the real client: the patch types a cluster offers."""
+    from kubernetes.client.exceptions import ApiException
+
+    with kube_api(tmp_path) as (state, kubeconfig):
+        state.namespaces.add("shop")
+        api, _, _ = connect(kubeconfig=str(kubeconfig), context=None)
+        body = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "app", "namespace": "shop"},
+                "data": {"KEEP_ALIVE_TIMEOUT_MS": "5000", "LOG": "info"}}
+        created = api.patch_namespaced_config_map(
+            "app", "shop", body, field_manager="helm",
+            _content_type="application/apply-patch+yaml")
+        assert created.data == {"KEEP_ALIVE_TIMEOUT_MS": "5000", "LOG": "info"}
+        ours = {**body, "data": {"KEEP_ALIVE_TIMEOUT_MS": "3000"}}
+        with pytest.raises(ApiException) as conflict:
+            api.patch_namespaced_config_map("app", "shop", ours, field_manager="tuner",
+                                            _content_type="application/apply-patch+yaml")
+        assert conflict.value.status == 409
+        assert 'conflict with "helm"' in json.loads(conflict.value.body)["message"]
+        forced = api.patch_namespaced_config_map(
+            "app", "shop", ours, field_manager="tuner", force=True,
+            _content_type="application/apply-patch+yaml")
+        assert forced.data == {"KEEP_ALIVE_TIMEOUT_MS": "3000", "LOG": "info"}
+        merged = api.patch_namespaced_config_map(
+            "app", "shop", {"data": {"LOG": None, "NEW": "1"}},
+            _content_type="application/merge-patch+json")
+        assert merged.data == {"KEEP_ALIVE_TIMEOUT_MS": "3000", "NEW": "1"}
+        with pytest.raises(ApiException) as stale:
+            api.patch_namespaced_config_map(
+                "app", "shop", {"metadata": {"resourceVersion": "1"}, "data": {"X": "1"}},
+                _content_type="application/merge-patch+json")
+        assert stale.value.status == 409
+        with pytest.raises(ApiException) as missing:
+            api.patch_namespaced_config_map("app", "shop", body,
+                                            _content_type="application/apply-patch+yaml")
+        assert missing.value.status == 400 and "fieldManager" in missing.value.body
