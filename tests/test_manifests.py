@@ -1,0 +1,98 @@
+"""manifests/: rendered by `kubectl kustomize`, validated against the Kubernetes OpenAPI
+schemas (kubernetes-validate) for Kubernetes 1.32, and held to the security baseline."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+MANIFESTS = Path(__file__).parents[1] / "manifests"
+KUBERNETES_VERSION = "1.32"
+#: RBAC verbs that can be limited to named objects (create and list name no object)
+NAMEABLE_VERBS = {"get", "update", "patch", "delete", "watch"}
+
+
+def render(path: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed: `scripts/setup test` installs kubernetes-client"
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def demo() -> list[dict[str, Any]]:
+    return render(MANIFESTS / "overlays" / "demo")
+
+
+def test_every_object_validates_against_the_schemas(demo: list[dict[str, Any]]) -> None:
+    kinds = sorted(doc["kind"] for doc in demo)
+    assert kinds.count("ConfigMap") == 4 and "Job" in kinds and "Deployment" in kinds
+    for doc in [*demo, *render(MANIFESTS / "base")]:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert {doc["metadata"].get("namespace") for doc in demo if doc["kind"] != "Namespace"} \
+        == {"tuner-demo"}
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(doc["metadata"]["name"], doc["spec"]["template"]["spec"]) for doc in docs
+            if doc["kind"] in ("Job", "Deployment")]
+
+
+def test_every_container_is_locked_down(demo: list[dict[str, Any]]) -> None:
+    pods = _pod_specs(demo)
+    assert len(pods) == 2
+    for name, pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod["containers"]:
+            where = f"{name}/{container['name']}"
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            for kind in ("requests", "limits"):
+                assert set(container["resources"][kind]) == {"cpu", "memory"}, where
+
+
+def test_rbac_is_namespaced_and_names_its_objects(demo: list[dict[str, Any]]) -> None:
+    assert not [doc for doc in demo if doc["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = [doc for doc in demo if doc["kind"] == "Role"]
+    assert {role["metadata"]["name"] for role in roles} == {"tuner", "tuner-sidecar"}
+    for role in roles:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+            if set(rule["verbs"]) & NAMEABLE_VERBS:
+                assert rule.get("resourceNames"), (role["metadata"]["name"], rule)
+    bindings = {doc["metadata"]["name"]: doc for doc in demo if doc["kind"] == "RoleBinding"}
+    assert bindings["tuner"]["subjects"][0]["name"] == "tuner"
+
+
+def test_the_job_is_bounded(demo: list[dict[str, Any]]) -> None:
+    [job] = [doc for doc in demo if doc["kind"] == "Job"]
+    spec = job["spec"]
+    assert spec["backoffLimit"] <= 2
+    assert 0 < spec["activeDeadlineSeconds"] <= 6 * 3600
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_a_broken_manifest_fails_validation() -> None:
+    """The validation above can fail: a ConfigMap value that is not a string is rejected."""
+    bad = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"},
+           "data": {"timeout": 60}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
+
+
+def test_containerfile_is_slim_and_non_root() -> None:
+    text = (Path(__file__).parents[1] / "Containerfile").read_text()
+    assert "FROM python:3.11-slim" in text
+    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] == "10001"
