@@ -282,6 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", default="report.html", metavar="PATH",
                         help="HTML file to write (default report.html)")
     report.set_defaults(handler=cmd_report)
+
+    sidecar = commands.add_parser(
+        "sidecar", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="beside nginx: apply the tuning ConfigMap, count race signatures, serve metrics",
+        description="Watch the tuning ConfigMap (a directory with one file per key, as\n"
+                    "Kubernetes mounts it: upstream-keepalive-timeout, upstream-keepalive-\n"
+                    "connections, keep-alive, generation), render nginx include files\n"
+                    "(upstream-keepalive.conf inside `upstream {}`, client-keepalive.conf in\n"
+                    "`http {}`), reload nginx with SIGHUP, tail its error log, and serve\n"
+                    "/metrics (Prometheus) and /status (JSON; ?since=OFFSET for counters of\n"
+                    "the log after a mark). An invalid tuning is never applied.",
+        epilog="example (outside Kubernetes, with a local nginx):\n"
+               "  tuner sidecar --tuning-dir ./tuning --render-dir /etc/nginx/tuner \\\n"
+               "      --nginx-pid /run/nginx.pid --error-log /var/log/nginx/error.log \\\n"
+               "      --nginx-conf /etc/nginx/nginx.conf --listen 127.0.0.1:9901\n\n"
+               + EXIT_CODES.replace("%", "%%"))
+    sidecar.add_argument("--tuning-dir", required=True, metavar="DIR")
+    sidecar.add_argument("--render-dir", required=True, metavar="DIR")
+    sidecar.add_argument("--nginx-pid", required=True, metavar="FILE")
+    sidecar.add_argument("--error-log", required=True, metavar="FILE")
+    sidecar.add_argument("--nginx-conf", metavar="FILE",
+                         help="check each rendering with `nginx -t -c FILE` before reloading")
+    sidecar.add_argument("--listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    sidecar.add_argument("--poll", type=_duration("--poll"), default=0.5, metavar="DURATION")
+    sidecar.set_defaults(handler=cmd_sidecar)
     return parser
 
 
@@ -509,6 +534,31 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"{result.action:13} configmap {result.namespace}/{result.name}")
             if result.diff and args.dry_run:
                 print("\n".join(f"    {line}" for line in result.diff.splitlines()))
+    return 0
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from tuner.sidecar import Sidecar, SidecarPaths
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT, e.g. 127.0.0.1:9901")
+    for flag, value in (("--tuning-dir", args.tuning_dir), ("--render-dir", args.render_dir)):
+        if not Path(value).is_dir():
+            raise ConfigError(f"{flag} {value} is not a directory")
+    sidecar = Sidecar(SidecarPaths(
+        tuning_dir=Path(args.tuning_dir), render_dir=Path(args.render_dir),
+        nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
+        nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None), poll_s=args.poll)
+    try:
+        server = sidecar.serve(host, int(port))
+    except OSError as exc:
+        raise ConfigError(f"--listen {args.listen}: {exc.strerror or exc}") from exc
+    print(f"sidecar serving http://{args.listen}/metrics and /status", flush=True)
+    try:
+        sidecar.run()
+    finally:
+        server.shutdown()
     return 0
 
 

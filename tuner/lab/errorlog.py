@@ -20,11 +20,19 @@ class ErrorLog:
 
     def lines_since(self, mark: int) -> list[str]:
         """Complete lines written after `mark` (a line still being written is left out)."""
+        return self.read_since(mark)[0]
+
+    def read_since(self, mark: int) -> tuple[list[str], int]:
+        """Complete lines after `mark`, and the mark after the last of them. A log that
+        shrank below `mark` was rotated or truncated: it is read from its start."""
         try:
             with open(self.path, "rb") as log:
+                if log.seek(0, 2) < mark:
+                    mark = 0
                 log.seek(mark)
                 data = log.read()
         except FileNotFoundError:
-            return []
-        complete, _, _ = data.rpartition(b"\n")
-        return [line for line in complete.decode(errors="replace").split("\n") if line]
+            return [], 0
+        complete, newline, _ = data.rpartition(b"\n")
+        lines = [line for line in complete.decode(errors="replace").split("\n") if line]
+        return lines, mark + len(complete) + len(newline)

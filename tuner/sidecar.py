@@ -1,0 +1,252 @@
+"""`tuner sidecar`: beside the proxy, apply the tuning ConfigMap and report what it saw.
+
+It watches a directory holding the tuning ConfigMap (as Kubernetes mounts one: a file per
+key), renders nginx include files from it, reloads nginx with SIGHUP (its pid from the pid
+file; the pod shares its process namespace), tails nginx's error log from a shared volume,
+and serves:
+  /metrics  Prometheus text: race signatures by kind, the settings in force, the generation
+  /status   JSON: the generation applied, the settings, counters since start, and with
+            ?since=OFFSET the counters of the log written after that offset
+Outside Kubernetes it works the same against a local nginx with file paths (the tests).
+
+Design decision: a tuning that fails validation (or that `nginx -t` rejects) is never
+applied; the last good one stays in force and /status shows the error, so a typo in the
+ConfigMap cannot take the proxy down mid-experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from tuner.analysis.signatures import count_nginx_signatures
+from tuner.durations import nginx_time, parse_duration
+from tuner.errors import ConfigError
+from tuner.lab.errorlog import ErrorLog
+
+#: ConfigMap keys, named as in the ingress-nginx controller ConfigMap
+KEY_UPSTREAM_IDLE = "upstream-keepalive-timeout"
+KEY_UPSTREAM_CONNS = "upstream-keepalive-connections"
+KEY_CLIENT_IDLE = "keep-alive"
+KEY_GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The settings of one generation of the tuning ConfigMap."""
+
+    generation: str
+    upstream_idle_s: float | None = None
+    upstream_conns: int | None = None
+    client_idle_s: float | None = None
+
+
+def parse_tuning(data: Mapping[str, str]) -> Tuning:
+    """Validate the ConfigMap's keys (pure). Bare numbers are seconds, as ingress-nginx has."""
+    def seconds(key: str) -> float | None:
+        if key not in data:
+            return None
+        return parse_duration(data[key].strip(), what=f"{key}:")
+
+    conns = None
+    if KEY_UPSTREAM_CONNS in data:
+        text = data[KEY_UPSTREAM_CONNS].strip()
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"{KEY_UPSTREAM_CONNS}: {text!r} must be a whole number >= 1")
+        conns = int(text)
+    return Tuning(generation=data.get(KEY_GENERATION, "").strip() or "unset",
+                  upstream_idle_s=seconds(KEY_UPSTREAM_IDLE), upstream_conns=conns,
+                  client_idle_s=seconds(KEY_CLIENT_IDLE))
+
+
+def render_nginx(tuning: Tuning) -> dict[str, str]:
+    """The include files for nginx (pure): one inside `upstream {}`, one in `http {}`."""
+    upstream = [f"# rendered by tuner sidecar, generation {tuning.generation}"]
+    if tuning.upstream_conns is not None:
+        upstream.append(f"keepalive {tuning.upstream_conns};")
+    if tuning.upstream_idle_s is not None:
+        upstream.append(f"keepalive_timeout {nginx_time(tuning.upstream_idle_s)};")
+    client = [f"# rendered by tuner sidecar, generation {tuning.generation}"]
+    if tuning.client_idle_s is not None:
+        client.append(f"keepalive_timeout {nginx_time(tuning.client_idle_s)};")
+    return {"upstream-keepalive.conf": "\n".join(upstream) + "\n",
+            "client-keepalive.conf": "\n".join(client) + "\n"}
+
+
+def read_configmap_dir(path: Path) -> dict[str, str]:
+    """A mounted ConfigMap: one file per key (Kubernetes' `..data` symlink dirs skipped)."""
+    return {entry.name: entry.read_text() for entry in sorted(path.iterdir())
+            if entry.is_file() and not entry.name.startswith(".")}
+
+
+@dataclass
+class SidecarState:
+    applied: Tuning | None = None
+    applied_at: float | None = None
+    error: str | None = None
+    n_reloads: int = 0
+    signatures: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def status(self, log: ErrorLog, since: int | None) -> dict[str, Any]:
+        with self.lock:
+            document: dict[str, Any] = {
+                "generation": self.applied.generation if self.applied else None,
+                "settings": asdict(self.applied) if self.applied else None,
+                "applied_at": self.applied_at, "error": self.error,
+                "reloads": self.n_reloads, "signatures": dict(self.signatures),
+                "log_offset": log.mark()}
+        if since is not None:
+            document["signatures_since"] = dict(count_nginx_signatures(log.lines_since(since)))
+        return document
+
+    def metrics(self) -> str:
+        with self.lock:
+            lines = ["# HELP tuner_proxy_log_signatures_total nginx error-log lines of upstream "
+                     "failures, by kind (connect_refused is not the keep-alive race)",
+                     "# TYPE tuner_proxy_log_signatures_total counter"]
+            for kind in ("prematurely_closed", "reset_by_peer", "broken_pipe",
+                         "connect_refused"):
+                lines.append(f'tuner_proxy_log_signatures_total{{kind="{kind}"}} '
+                             f"{self.signatures.get(kind, 0)}")
+            lines += ["# HELP tuner_setting_seconds keep-alive settings in force",
+                      "# TYPE tuner_setting_seconds gauge"]
+            applied = self.applied
+            if applied is not None:
+                for key, value in ((KEY_UPSTREAM_IDLE, applied.upstream_idle_s),
+                                   (KEY_CLIENT_IDLE, applied.client_idle_s)):
+                    if value is not None:
+                        lines.append(f'tuner_setting_seconds{{setting="{key}"}} {value:g}')
+            lines += ["# HELP tuner_reloads_total proxy reloads done by the sidecar",
+                      "# TYPE tuner_reloads_total counter",
+                      f"tuner_reloads_total {self.n_reloads}",
+                      "# HELP tuner_tuning_error 1 while the tuning ConfigMap is invalid",
+                      "# TYPE tuner_tuning_error gauge",
+                      f"tuner_tuning_error {1 if self.error else 0}"]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class SidecarPaths:
+    tuning_dir: Path
+    render_dir: Path
+    nginx_pid: Path
+    error_log: Path
+    #: when given, `nginx -t -c` checks every rendering before the reload
+    nginx_conf: Path | None = None
+    nginx_binary: str = "nginx"
+
+
+class Sidecar:
+    def __init__(self, paths: SidecarPaths, *, poll_s: float = 0.5) -> None:
+        self.paths = paths
+        self.poll_s = poll_s
+        self.state = SidecarState()
+        self.log = ErrorLog(paths.error_log)
+        self._log_offset = self.log.mark()
+        self._seen: dict[str, str] | None = None
+        self._stop = threading.Event()
+
+    def step(self) -> None:
+        """One poll: apply a changed tuning, count new error-log lines."""
+        data = read_configmap_dir(self.paths.tuning_dir)
+        if data != self._seen:
+            self._seen = data
+            self._apply(data)
+        lines, self._log_offset = self.log.read_since(self._log_offset)
+        counts = count_nginx_signatures(lines)
+        with self.state.lock:
+            self.state.signatures.update(counts)
+
+    def _apply(self, data: Mapping[str, str]) -> None:
+        try:
+            tuning = parse_tuning(data)
+            files = render_nginx(tuning)
+        except ConfigError as exc:
+            with self.state.lock:
+                self.state.error = f"tuning not applied: {exc}"
+            return
+        previous = {name: (self.paths.render_dir / name).read_text()
+                    for name in files if (self.paths.render_dir / name).exists()}
+        for name, text in files.items():
+            temporary = self.paths.render_dir / f".{name}.tmp"
+            temporary.write_text(text)
+            temporary.replace(self.paths.render_dir / name)
+        problem = self._check()
+        if problem is not None:
+            for name, text in previous.items():  # put the last good rendering back
+                (self.paths.render_dir / name).write_text(text)
+            with self.state.lock:
+                self.state.error = f"nginx rejected generation {tuning.generation}: {problem}"
+            return
+        self._reload()
+        with self.state.lock:
+            self.state.applied, self.state.applied_at = tuning, time.time()
+            self.state.error = None
+            self.state.n_reloads += 1
+
+    def _check(self) -> str | None:
+        if self.paths.nginx_conf is None:
+            return None
+        checked = subprocess.run([self.paths.nginx_binary, "-t", "-q", "-c",
+                                  str(self.paths.nginx_conf)], capture_output=True, text=True,
+                                 timeout=30)
+        return None if checked.returncode == 0 else (checked.stderr or checked.stdout).strip()
+
+    def _reload(self) -> None:
+        try:
+            pid = int(self.paths.nginx_pid.read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            with self.state.lock:
+                self.state.error = (f"could not signal nginx (pid file {self.paths.nginx_pid}): "
+                                    f"{exc}; the rendering is in place for its next start")
+
+    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
+        sidecar = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                if url.path == "/metrics":
+                    body, kind = sidecar.state.metrics().encode(), "text/plain; version=0.0.4"
+                elif url.path == "/status":
+                    since = parse_qs(url.query).get("since")
+                    document = sidecar.state.status(
+                        sidecar.log, int(since[0]) if since and since[0].isdigit() else None)
+                    body, kind = json.dumps(document).encode(), "application/json"
+                else:
+                    self.send_error(404, "try /metrics or /status")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def run(self) -> None:
+        """Poll until stopped (SIGTERM and Ctrl-C end the CLI's process)."""
+        while not self._stop.is_set():
+            self.step()
+            self._stop.wait(self.poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
