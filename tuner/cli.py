@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="continue the newest experiment in --db, skipping finished "
                                  "trials")
     experiment.add_argument("--json", action="store_true", help="print one JSON object")
+    experiment.add_argument("--target", choices=("local", "kubernetes"), default="local",
+                            help="where the trials run (default: the local lab)")
     experiment.set_defaults(handler=cmd_experiment)
 
     results = commands.add_parser("results", help="list the trials of a results store",
@@ -453,6 +455,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from tuner.experiment.runner import run_experiment
     from tuner.render import render_trials
 
+    if args.target == "kubernetes":
+        raise ConfigError("--target kubernetes: the cluster runner is not built yet; run the "
+                          "experiment on the local lab and write its recommendation to the "
+                          "cluster with `tuner apply` (README: Run it in your cluster)")
     spec = _experiment_spec(args)
     say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
     tick = None
