@@ -221,14 +221,21 @@ class _Conn:
         self.closed_at: float | None = None
         self.close_kind = "none"
 
-    def exchange(self) -> http.client.HTTPResponse:
-        """Send the request and read the whole response (blocking)."""
+    def round_trip(self) -> http.client.HTTPResponse:
+        """Send the request and read the whole response, blocking; OSError/HTTPException
+        when the server does not answer."""
+        self.sock.setblocking(True)
         self.sock.settimeout(RESPONSE_TIMEOUT_S)
+        self.sock.sendall(self.target.request_bytes())
+        response = http.client.HTTPResponse(self.sock, method=self.target.method)
+        response.begin()
+        response.read()
+        return response
+
+    def exchange(self) -> http.client.HTTPResponse:
+        """The first request of a sample: a server that does not answer is an error."""
         try:
-            self.sock.sendall(self.target.request_bytes())
-            response = http.client.HTTPResponse(self.sock, method=self.target.method)
-            response.begin()
-            response.read()
+            response = self.round_trip()
         except (OSError, http.client.HTTPException) as exc:
             raise ProbeError(f"{self.target.url} did not answer HTTP/1.1 to "
                              f"{self.target.method} {self.target.path}: {exc!r}") from exc
@@ -266,16 +273,10 @@ class _Conn:
 
 def _reuse(conn: _Conn) -> tuple[bool, int | None]:
     """Send one more request on an idle connection: (served, status)."""
-    conn.sock.setblocking(True)
-    conn.sock.settimeout(RESPONSE_TIMEOUT_S)
     try:
-        conn.sock.sendall(conn.target.request_bytes())
-        response = http.client.HTTPResponse(conn.sock, method=conn.target.method)
-        response.begin()
-        response.read()
+        return True, conn.round_trip().status
     except (OSError, http.client.HTTPException):
         return False, None
-    return True, response.status
 
 
 def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
