@@ -1,0 +1,45 @@
+"""The architecture, enforced: pure analysis does no I/O, and `tuner` never imports Locust
+(it monkey-patches the process with gevent on import)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+TUNER = Path(__file__).parents[1] / "tuner"
+#: what touches processes, sockets, HTTP, files-as-databases or the cluster
+IO_MODULES = ("subprocess", "socket", "selectors", "ssl", "http", "httpx", "urllib.request",
+              "sqlite3", "kubernetes", "locust", "gevent", "tuner.lab", "tuner.load",
+              "tuner.kube", "tuner.store", "tuner.probe", "tuner.experiment", "tuner.sidecar")
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_analysis_is_pure() -> None:
+    modules = sorted((TUNER / "analysis").glob("*.py"))
+    assert len(modules) >= 6
+    for module in modules:
+        for name in _imports(module):
+            assert not any(name == io or name.startswith(io + ".") for io in IO_MODULES), \
+                f"{module.name} imports {name}"
+
+
+def test_tuner_never_imports_locust() -> None:
+    modules = [".".join(p.relative_to(TUNER.parent).with_suffix("").parts)
+               for p in TUNER.rglob("*.py") if p.name != "locust_keepalive.py"]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('locust', 'gevent')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
