@@ -1,0 +1,297 @@
+"""The commands behind `tuner`: each takes parsed arguments, hands off to the library and
+prints for people or as JSON. The parser and the error boundary are in `tuner.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuner.durations import format_seconds
+from tuner.errors import ConfigError, LabError, LoadError
+from tuner.lab import Lab
+from tuner.lab.upstreams import upstream_from
+
+if TYPE_CHECKING:
+    from tuner.experiment.runner import ExperimentRun
+    from tuner.experiment.spec import ExperimentSpec
+    from tuner.recommending import RecommendationReport
+
+EXIT_UNSAFE = 6
+EXIT_INSUFFICIENT = 8
+EXIT_INTERRUPTED = 130
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    upstream = upstream_from(args.upstream, args.upstream_cmd)
+    with Lab(proxy=args.proxy, upstream=upstream, proxy_idle_s=args.proxy_idle,
+             upstream_idle_s=args.upstream_idle) as lab:
+        info = lab.info()
+        if args.json:
+            print(json.dumps(asdict(info)), flush=True)
+        else:
+            print(f"proxy     {info.proxy} {info.proxy_version}  {info.proxy_url}  "
+                  f"(idle toward upstream: {format_seconds(info.proxy_idle_s)})")
+            print(f"upstream  {info.upstream}  {info.upstream_url}  "
+                  f"({info.upstream_idle_option}: {format_seconds(info.upstream_idle_s)})")
+            print(f"config    {info.proxy_config}")
+            print(f"log       {info.proxy_error_log}")
+            if info.proxy_idle_s >= info.upstream_idle_s:
+                print("warning   the proxy keeps idle connections at least as long as the "
+                      "upstream's setting: expect intermittent 502s under bursty load")
+            print("Up. Press Ctrl-C to stop.", flush=True)
+        while True:
+            problem = lab.problem()
+            if problem is not None:
+                raise LabError(f"the lab stopped on its own: {problem}")
+            time.sleep(0.5)
+
+
+def _clear_demo_store(db: Path) -> None:
+    """Remove an earlier demo's store; refuse to touch any other file."""
+    from tuner.demo import is_demo_store
+
+    if not db.exists():
+        return
+    if not is_demo_store(db):
+        raise ConfigError(f"{db} exists and is not a demo results store; choose another --db "
+                          "(the demo replaces its store on every run)")
+    for path in (db, db.with_name(db.name + "-journal")):
+        path.unlink(missing_ok=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tuner.demo import explain_demo, run_demo
+    from tuner.render import render_trials
+
+    _clear_demo_store(Path(args.db))
+    say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
+    run = run_demo(db=args.db, say=say)
+    if args.json:
+        print(json.dumps(_experiment_document(run), indent=2))
+    else:
+        print("\n" + render_trials([t.record for t in run.trials]) + "\n\n" + explain_demo(run))
+    return 0
+
+
+def _parse_headers(raw: list[str]) -> dict[str, str]:
+    headers = {}
+    for item in raw:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            raise ConfigError(f"header {item!r} is not of the form 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from tuner.analysis.verdict import judge
+    from tuner.probe import parse_target, probe
+
+    target = parse_target(args.url, method=args.method, host_header=args.host_header,
+                          headers=_parse_headers(args.headers), verify_tls=not args.insecure)
+    show_progress = not args.json and sys.stderr.isatty()
+
+    def progress(idle_s: float, n_open: int) -> None:
+        print(f"\r  idle {idle_s:5.0f} s, {n_open} of {args.samples} connections still open ",
+              end="", file=sys.stderr, flush=True)
+
+    if not args.json:
+        print(f"probing {args.url} with {args.samples} connections (up to "
+              f"{format_seconds(args.max_idle)} idle) ...", flush=True)
+    result = probe(target, n_samples=args.samples, max_idle_s=args.max_idle,
+                   on_progress=progress if show_progress else None)
+    if show_progress:
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+    verdict = None
+    if args.proxy_idle is not None:
+        verdict = judge(proxy_idle_s=args.proxy_idle, upstream_close_s=result.effective_close_s,
+                        max_idle_s=args.max_idle, margin_s=args.margin,
+                        closes_on_next_request=result.closes_on_next_request,
+                        keeps_alive=result.keeps_alive)
+    if args.json:
+        document = result.as_json()
+        if verdict is not None:
+            document["verdict"] = asdict(verdict)
+        print(json.dumps(document, indent=2))
+    else:
+        from tuner.render import render_probe
+        print(render_probe(result, verdict))
+    return EXIT_UNSAFE if verdict is not None and verdict.status == "unsafe" else 0
+
+
+def _experiment_spec(args: argparse.Namespace) -> ExperimentSpec:
+    from tuner.experiment.spec import ExperimentSpec, load_spec, parse_spec
+
+    spec = load_spec(Path(args.spec)) if args.spec else ExperimentSpec()
+    flags = {"proxy": args.proxy, "upstream": args.upstream, "proxy_idle": args.proxy_idle,
+             "upstream_idle": args.upstream_idle, "repeats": args.repeats,
+             "max_seconds": args.max_seconds, "max_requests": args.max_requests,
+             "gaps": args.gaps, "methods": args.methods, "burst_size": args.burst_size,
+             "workers": args.workers, "seed": args.seed, "db": args.db}
+    if args.upstream_cmd is not None:
+        flags["upstream_cmd"] = args.upstream_cmd
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.resume and (args.spec or set(given) - {"db"}):
+        extra = ([args.spec] if args.spec else []) + [f"--{k.replace('_', '-')}"
+                                                       for k in sorted(set(given) - {"db"})]
+        raise ConfigError(f"--resume continues the stored experiment with its stored spec; "
+                          f"drop {', '.join(extra)} (or start a new experiment with another "
+                          "--db)")
+    return parse_spec(given, base=spec)
+
+
+def _experiment_document(run: ExperimentRun) -> dict[str, object]:
+    return {"experiment_id": run.experiment_id, "db": str(run.db),
+            "n_planned": run.n_planned,
+            "trials": [dict(t.record, cell=t.cell) for t in run.trials]}
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from tuner.experiment.runner import run_experiment
+    from tuner.render import render_trials
+
+    if args.target == "kubernetes":
+        raise ConfigError("--target kubernetes: the cluster runner is not built yet; run the "
+                          "experiment on the local lab and write its recommendation to the "
+                          "cluster with `tuner apply` (README: Run it in your cluster)")
+    spec = _experiment_spec(args)
+    say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
+    tick = None
+    if not args.json and sys.stderr.isatty():
+        def tick(line: str) -> None:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+    resume_hint = (f"the trials finished so far are in {spec.db}; continue with\n"
+                   f"  tuner experiment --db {spec.db} --resume")
+    try:
+        run = run_experiment(spec, resume=args.resume, say=say, tick=tick)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {resume_hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (LabError, LoadError) as exc:
+        print(f"error: {exc}\n{resume_hint}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps(_experiment_document(run), indent=2))
+    else:
+        print(f"\nexperiment {run.experiment_id}: {len(run.trials)} of {run.n_planned} "
+              f"trials in {run.db}\n")
+        print(render_trials([t.record for t in run.trials]))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from tuner.experiment.runner import ExperimentRun
+    from tuner.experiment.spec import ExperimentSpec
+    from tuner.render import render_trials
+    from tuner.store import ResultsStore
+
+    db = Path(args.db)
+    if not db.exists():
+        raise ConfigError(f"results store {db} does not exist; run `tuner experiment --db {db}`")
+    with ResultsStore(db) as store:
+        experiment = store.experiment(args.experiment_id)
+        if experiment is None:
+            ids = store.experiment_ids()
+            raise ConfigError(f"{db} holds no experiment"
+                              + (f" with id {args.experiment_id!r}; it holds "
+                                 f"{', '.join(ids) or 'none'}" if args.experiment_id else ""))
+        trials = store.trials(experiment["id"])
+    spec = ExperimentSpec.from_stored(experiment["spec"])
+    run = ExperimentRun(experiment["id"], db, spec, trials,
+                        len(spec.cells()) * spec.repeats)
+    if args.json:
+        document = _experiment_document(run)
+        document.update(versions=experiment["versions"], host=experiment["host"],
+                        spec=experiment["spec"])
+        print(json.dumps(document, indent=2))
+    else:
+        print(f"experiment {run.experiment_id} on {experiment['host']}: {len(trials)} of "
+              f"{run.n_planned} trials; versions: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(experiment["versions"].items())))
+        print(render_trials([t.record for t in trials]))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> RecommendationReport:
+    from tuner.recommending import build_report
+
+    if not 0 < args.target_rate < 1:
+        raise ConfigError(f"--target-rate {args.target_rate} must be between 0 and 1")
+    return build_report(Path(args.db), margin_s=args.margin, proxy_idle_s=args.proxy_idle,
+                        upstream_idle_s=args.upstream_idle, target_rate=args.target_rate)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from tuner.kube.apply import apply_configmaps, connect
+
+    objects = _report(args).configmaps(name=args.name, namespace=args.namespace)
+    connection = connect(kubeconfig=args.kubeconfig, context=args.context)
+    results = apply_configmaps(connection, objects, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "results": [asdict(r) for r in results]},
+                         indent=2))
+    else:
+        for result in results:
+            print(f"{result.action:13} configmap {result.namespace}/{result.name}")
+            if result.diff and args.dry_run:
+                print("\n".join(f"    {line}" for line in result.diff.splitlines()))
+    return 0
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from tuner.sidecar import Sidecar, SidecarPaths
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT, e.g. 127.0.0.1:9901")
+    for flag, value in (("--tuning-dir", args.tuning_dir), ("--render-dir", args.render_dir)):
+        if not Path(value).is_dir():
+            raise ConfigError(f"{flag} {value} is not a directory")
+    sidecar = Sidecar(SidecarPaths(
+        tuning_dir=Path(args.tuning_dir), render_dir=Path(args.render_dir),
+        nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
+        nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None), poll_s=args.poll)
+    try:
+        server = sidecar.serve(host, int(port))
+    except OSError as exc:
+        raise ConfigError(f"--listen {args.listen}: {exc.strerror or exc}") from exc
+    print(f"sidecar serving http://{args.listen}/metrics and /status", flush=True)
+    try:
+        sidecar.run()
+    finally:
+        server.shutdown()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuner.report import write_report
+
+    built = _report(args)
+    path = Path(args.output)
+    write_report(built, path)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB): experiment "
+          f"{built.experiment_id}, {len(built.records)} trials")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from tuner.recommending import render_report
+
+    report = _report(args)
+    output = "json" if args.json else args.output
+    if output == "json":
+        print(json.dumps(report.as_json(), indent=2))
+    elif output == "configmap":
+        import yaml
+
+        print(yaml.safe_dump_all(report.configmaps(name=args.name, namespace=args.namespace),
+                                 sort_keys=False), end="")
+    else:
+        print(render_report(report))
+    return EXIT_INSUFFICIENT if report.primary.status != "ok" else 0
