@@ -111,3 +111,12 @@ def test_demo(tmp_path: Path) -> None:
                                        capture_output=True, text=True, timeout=60).stdout)
     verdicts = {t["proxy_idle_s"]: t["verdict"] for t in listed["trials"]}
     assert verdicts == {1.0: "safe", 2.0: "unsafe", 3.0: "unsafe"}
+
+
+@pytest.mark.parametrize("command", ["lab up", "demo", "probe", "experiment", "results",
+                                     "recommend", "apply", "report", "sidecar"])
+def test_every_command_has_help_with_examples_or_exit_codes(command: str) -> None:
+    result = subprocess.run([*TUNER, *command.split(), "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "exit codes:" in result.stdout
