@@ -161,15 +161,21 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                           "experiment on the local lab and write its recommendation to the "
                           "cluster with `tuner apply` (README: Run it in your cluster)")
     spec = _experiment_spec(args)
-    say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
-    tick = None
-    if not args.json and sys.stderr.isatty():
-        def tick(line: str) -> None:
-            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+    live = not args.json and sys.stderr.isatty()
+
+    def say(line: str) -> None:
+        if live:  # first clear the ticker's line
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        if not args.json:
+            print(line, flush=True)
+
+    def tick(line: str) -> None:
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+
     resume_hint = (f"the trials finished so far are in {spec.db}; continue with\n"
                    f"  tuner experiment --db {spec.db} --resume")
     try:
-        run = run_experiment(spec, resume=args.resume, say=say, tick=tick)
+        run = run_experiment(spec, resume=args.resume, say=say, tick=tick if live else None)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
