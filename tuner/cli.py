@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "synchronized bursts whose idle gaps straddle it, count the failures\n"
                     "and the proxy's error-log signatures, and record the trial in the\n"
                     "results store before the next one starts. A trial stops early once it\n"
-                    "is decisively unsafe (3 race failures) or safe (200 reused requests, no\n"
+                    "is decisively unsafe (3 race failures) or safe (300 reused requests, no\n"
                     "failure, every gap tried); else at its budget.\n\n"
                     "Flags override the spec file's fields of the same name.",
         epilog="examples:\n"

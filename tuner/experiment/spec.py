@@ -17,7 +17,7 @@
     seed: 1
     db: results.db
     unsafe_after: 3                 # stopping rule, see tuner.analysis.stopping
-    safe_after: 200
+    safe_after: 300
     write_back:                     # where `tuner recommend -o configmap` / `tuner apply` write
       ingress_nginx: {namespace: ingress-nginx, name: ingress-nginx-controller}
       app: {namespace: shop, name: checkout-config, key: KEEP_ALIVE_TIMEOUT_MS, unit: ms}
