@@ -96,7 +96,8 @@ http {{
     sidecar = ManagedProcess(
         [*TUNER, "sidecar", "--tuning-dir", str(tuning), "--render-dir", str(render),
          "--nginx-pid", str(tmp_path / "nginx.pid"), "--error-log", str(tmp_path / "error.log"),
-         "--nginx-conf", str(conf), "--listen", f"127.0.0.1:{sidecar_port}", "--poll", "100ms"],
+         "--nginx-conf", str(conf), "--listen", f"127.0.0.1:{sidecar_port}", "--poll", "100ms",
+         "--app-url", f"http://127.0.0.1:{upstream.port}/"],
         name="sidecar", log_dir=tmp_path)
     sidecar.start()
     try:
@@ -146,3 +147,13 @@ def test_a_changed_tuning_is_rendered_reloaded_and_measurable(pod: Pod) -> None:
     assert "upstream-keepalive-timeout: 'forever' is not a duration" in str(status["error"])
     assert "tuner_tuning_error 1" in httpx.get(f"{pod.sidecar_url}/metrics").text
     assert json.loads(json.dumps(status))  # JSON all the way
+
+
+def test_probe_measures_the_app_beside_it(pod: Pod) -> None:
+    answer = httpx.get(f"{pod.sidecar_url}/probe?samples=2&max_idle=10s", timeout=30)
+    assert answer.status_code == 200
+    measured = answer.json()
+    assert measured["advertised_s"] == 1.0  # Node, keepAliveTimeout 1000 ms
+    assert 1.9 < measured["effective_close_s"] < 2.3
+    bad = httpx.get(f"{pod.sidecar_url}/probe?max_idle=forever", timeout=10)
+    assert bad.status_code == 400 and "max_idle" in bad.json()["error"]

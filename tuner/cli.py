@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--error-log", required=True, metavar="FILE")
     sidecar.add_argument("--nginx-conf", metavar="FILE",
                          help="check each rendering with `nginx -t -c FILE` before reloading")
+    sidecar.add_argument("--app-url", metavar="URL",
+                         help="the app beside nginx in the pod (e.g. http://127.0.0.1:3000/), "
+                              "for GET /probe")
     sidecar.add_argument("--listen", default="127.0.0.1:9901", metavar="HOST:PORT")
     sidecar.add_argument("--poll", type=_duration("--poll"), default=0.5, metavar="DURATION")
     sidecar.set_defaults(handler=cmd_sidecar)

@@ -262,7 +262,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     sidecar = Sidecar(SidecarPaths(
         tuning_dir=Path(args.tuning_dir), render_dir=Path(args.render_dir),
         nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
-        nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None), poll_s=args.poll)
+        nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
+        app_url=args.app_url), poll_s=args.poll)
     try:
         server = sidecar.serve(host, int(port))
     except OSError as exc:

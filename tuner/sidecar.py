@@ -7,6 +7,8 @@ and serves:
   /metrics  Prometheus text: race signatures by kind, the settings in force, the generation
   /status   JSON: the generation applied, the settings, counters since start, and with
             ?since=OFFSET the counters of the log written after that offset
+  /probe    with --app-url: `tuner probe` of the app beside it in the pod (?samples=3
+            &max_idle=60s), so a runner outside the pod learns the app's real close time
 Outside Kubernetes it works the same against a local nginx with file paths (the tests).
 
 Design decision: a tuning that fails validation (or that `nginx -t` rejects) is never
@@ -40,6 +42,8 @@ KEY_UPSTREAM_IDLE = "upstream-keepalive-timeout"
 KEY_UPSTREAM_CONNS = "upstream-keepalive-connections"
 KEY_CLIENT_IDLE = "keep-alive"
 KEY_GENERATION = "generation"
+#: /probe holds its HTTP request open for one idle period; this bounds it
+MAX_PROBE_IDLE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,8 @@ class SidecarPaths:
     #: when given, `nginx -t -c` checks every rendering before the reload
     nginx_conf: Path | None = None
     nginx_binary: str = "nginx"
+    #: the app in the same pod, for /probe (loopback)
+    app_url: str | None = None
 
 
 class Sidecar:
@@ -224,6 +230,15 @@ class Sidecar:
                 url = urlsplit(self.path)
                 if url.path == "/metrics":
                     body, kind = sidecar.state.metrics().encode(), "text/plain; version=0.0.4"
+                elif url.path == "/probe":
+                    code, document = sidecar.probe_app(parse_qs(url.query))
+                    body, kind = json.dumps(document).encode(), "application/json"
+                    self.send_response(code)
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 elif url.path == "/status":
                     since = parse_qs(url.query).get("since")
                     document = sidecar.state.status(
@@ -241,6 +256,25 @@ class Sidecar:
         server = ThreadingHTTPServer((host, port), Handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server
+
+    def probe_app(self, query: Mapping[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """Measure the app's real idle close time from inside the pod."""
+        from tuner.errors import TunerError
+        from tuner.probe import parse_target, probe
+
+        if self.paths.app_url is None:
+            return 404, {"error": "start the sidecar with --app-url to probe the app"}
+        try:
+            samples = int((query.get("samples") or ["3"])[0])
+            max_idle_s = min(MAX_PROBE_IDLE_S, parse_duration(
+                (query.get("max_idle") or ["60s"])[0], what="max_idle"))
+            result = probe(parse_target(self.paths.app_url), n_samples=samples,
+                           max_idle_s=max_idle_s)
+        except (TunerError, ValueError) as exc:
+            return 400, {"error": str(exc)}
+        document = result.as_json()
+        document["effective_close_s"] = result.effective_close_s
+        return 200, document
 
     def run(self) -> None:
         """Poll until stopped (SIGTERM and Ctrl-C end the CLI's process)."""
