@@ -36,6 +36,22 @@ class KubeState:
         self.conflicts = 0  # the next N replaces lose to another writer
         self.reject: str | None = None  # an admission policy's 422 message
         self.requests: list[tuple[str, str]] = []
+        self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
+        #: how a restart rolls out: "complete" at once, or "never" becomes ready
+        self.rollout = "complete"
+        self.pods: list[dict[str, Any]] = []  # what a pod list returns
+
+    def add_deployment(self, ns: str, name: str, replicas: int = 2) -> None:
+        self.deployments[(ns, name)] = {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns, "generation": 1,
+                         "resourceVersion": self.next_version()},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "app",
+                                                           "image": "app:1"}]}}},
+            "status": {"observedGeneration": 1, "replicas": replicas,
+                       "updatedReplicas": replicas, "availableReplicas": replicas}}
 
     def next_version(self) -> str:
         self.version += 1
@@ -214,9 +230,64 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(201 if current is None else 200, public)
 
     def do_PATCH(self) -> None:
+        if self._apps("patch"):
+            return
         self._route("patch")
 
+    def _apps(self, verb: str) -> bool:
+        """apps/v1 Deployments: get, and merge patch (a restart bumps the generation)."""
+        match = re.match(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/?]+)", self.path)
+        if match is None:
+            return False
+        ns, name = match.groups()
+        state = self.state
+        with state.lock:
+            state.requests.append((verb, self.path))
+            if (verb, ns) in state.deny:
+                self._send(403, _status(403, "Forbidden", f'deployments.apps "{name}" is '
+                                        f'forbidden: User "system:serviceaccount:tuner:tuner" '
+                                        f'cannot {verb} resource "deployments" in API group '
+                                        f'"apps" in the namespace "{ns}"', name))
+                return True
+            deployment = state.deployments.get((ns, name))
+            if deployment is None:
+                self._send(404, _status(404, "NotFound",
+                                        f'deployments.apps "{name}" not found', name))
+                return True
+            if verb == "patch":
+                patch = self._body()
+                template = deployment["spec"]["template"]["metadata"]
+                annotations = patch.get("spec", {}).get("template", {}).get(
+                    "metadata", {}).get("annotations", {})
+                template.setdefault("annotations", {}).update(annotations)
+                deployment["metadata"]["generation"] += 1
+                deployment["metadata"]["resourceVersion"] = state.next_version()
+                replicas = deployment["spec"]["replicas"]
+                if state.rollout == "complete":
+                    deployment["status"].update(
+                        observedGeneration=deployment["metadata"]["generation"],
+                        updatedReplicas=replicas, availableReplicas=replicas, replicas=replicas)
+                else:  # one new pod never becomes available; the old ones linger
+                    deployment["status"].update(
+                        observedGeneration=deployment["metadata"]["generation"],
+                        updatedReplicas=1, availableReplicas=replicas - 1,
+                        replicas=replicas + 1)
+            self._send(200, deployment)
+        return True
+
+    def _pods(self) -> bool:
+        match = re.match(r"^/api/v1/namespaces/([^/]+)/pods(?:\?.*)?$", self.path)
+        if match is None:
+            return False
+        with self.state.lock:
+            self.state.requests.append(("list", self.path))
+            self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
+                             "items": self.state.pods})
+        return True
+
     def do_GET(self) -> None:
+        if self._apps("get") or self._pods():
+            return
         self._route("get")
 
     def do_POST(self) -> None:

@@ -196,11 +196,11 @@ class Sidecar:
             with self.state.lock:
                 self.state.error = f"nginx rejected generation {tuning.generation}: {problem}"
             return
-        self._reload()
+        problem = self._reload()
         with self.state.lock:
             self.state.applied, self.state.applied_at = tuning, time.time()
-            self.state.error = None
-            self.state.n_reloads += 1
+            self.state.error = problem
+            self.state.n_reloads += problem is None
 
     def _check(self) -> str | None:
         if self.paths.nginx_conf is None:
@@ -210,14 +210,16 @@ class Sidecar:
                                  timeout=30)
         return None if checked.returncode == 0 else (checked.stderr or checked.stdout).strip()
 
-    def _reload(self) -> None:
+    def _reload(self) -> str | None:
+        """SIGHUP nginx; the problem if it could not be signalled (the rendering stays in
+        place for nginx's next start)."""
         try:
             pid = int(self.paths.nginx_pid.read_text().strip())
             os.kill(pid, signal.SIGHUP)
         except (OSError, ValueError) as exc:
-            with self.state.lock:
-                self.state.error = (f"could not signal nginx (pid file {self.paths.nginx_pid}): "
-                                    f"{exc}; the rendering is in place for its next start")
+            return (f"could not signal nginx (pid file {self.paths.nginx_pid}): {exc}; the "
+                    "rendering is in place for its next start")
+        return None
 
     def serve(self, host: str, port: int) -> ThreadingHTTPServer:
         sidecar = self

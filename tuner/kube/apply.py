@@ -5,7 +5,7 @@ ConfigMap is read, our keys are merged into its data (the ingress-nginx controll
 ConfigMap holds dozens of other settings that must survive), and it is replaced carrying
 the resourceVersion that was read; a 409 (someone else wrote in between) re-reads and
 retries. Every object is validated (tuner.kube.objects) before the first write, and every
-`ApiException` is translated at one boundary (`_translate`) into a `KubeError` that names
+`ApiException` is translated at one boundary (`translate_errors`) into a `KubeError` that names
 the verb, the resource and the namespace.
 """
 
@@ -54,8 +54,8 @@ def connect(*, kubeconfig: str | None, context: str | None) -> Any:
 
 
 @contextmanager
-def _translate(verb: str, namespace: str, name: str, host: str,
-               context: str | None) -> Iterator[None]:
+def translate_errors(verb: str, namespace: str, name: str, host: str, context: str | None, *,
+               resource: str = "configmaps", kind: str = "ConfigMap") -> Iterator[None]:
     """The one place where client exceptions become `KubeError`s."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
@@ -66,14 +66,17 @@ def _translate(verb: str, namespace: str, name: str, host: str,
         message = _server_message(exc)
         if exc.status == 403:
             raise KubeError(
-                f"forbidden: may not {verb} configmaps in namespace {namespace!r} "
-                f"(ConfigMap {name}); grant the tuner's account a Role with verbs [get, create, "
-                f"update] on resource configmaps in {namespace!r}. Server said: {message}"
-            ) from exc
+                f"forbidden: may not {verb} {resource} in namespace {namespace!r} "
+                f"({kind} {name}); grant the tuner's account a Role with verb {verb} on "
+                f"resource {resource} in {namespace!r} (manifests/base/rbac.yaml lists all "
+                f"it needs). Server said: {message}") from exc
         if exc.status == 422:
-            raise KubeError(f"the API server rejected ConfigMap {namespace}/{name}: {message}"
+            raise KubeError(f"the API server rejected {kind} {namespace}/{name}: {message}"
                             ) from exc
-        raise KubeError(f"{verb} ConfigMap {namespace}/{name} failed ({exc.status}): "
+        if exc.status == 404:
+            raise KubeError(f"{kind} {namespace}/{name} does not exist (404): {message}"
+                            ) from exc
+        raise KubeError(f"{verb} {kind} {namespace}/{name} failed ({exc.status}): "
                         f"{message}") from exc
     except HTTPError as exc:
         raise KubeError(f"cannot reach the Kubernetes API server at {host}"
@@ -112,7 +115,7 @@ def _apply_one(api: Any, host: str, context: str | None, obj: dict[str, Any], *,
 
     namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     for _attempt in range(MAX_CONFLICT_RETRIES):
-        with _translate("get", namespace, name, host, context):
+        with translate_errors("get", namespace, name, host, context):
             try:
                 current = api.read_namespaced_config_map(name, namespace)
             except ApiException as exc:
@@ -124,7 +127,7 @@ def _apply_one(api: Any, host: str, context: str | None, obj: dict[str, Any], *,
             diff = _diff(namespace, name, {}, obj["data"])
             if dry_run:
                 return ApplyResult(namespace, name, "would create", diff)
-            with _translate("create", namespace, name, host, context):
+            with translate_errors("create", namespace, name, host, context):
                 try:
                     api.create_namespaced_config_map(namespace, obj)
                 except ApiException as exc:
@@ -147,7 +150,7 @@ def _apply_one(api: Any, host: str, context: str | None, obj: dict[str, Any], *,
                 "metadata": {"name": name, "namespace": namespace, "labels": labels,
                              "annotations": annotations,
                              "resourceVersion": current.metadata.resource_version}}
-        with _translate("update", namespace, name, host, context):
+        with translate_errors("update", namespace, name, host, context):
             try:
                 api.replace_namespaced_config_map(name, namespace, body)
             except ApiException as exc:
@@ -163,7 +166,7 @@ def _require_namespace(api: Any, host: str, context: str | None, namespace: str,
                        name: str) -> None:
     from kubernetes.client.exceptions import ApiException
 
-    with _translate("get", namespace, name, host, context):
+    with translate_errors("get", namespace, name, host, context):
         try:
             api.read_namespace(namespace)
         except ApiException as exc:

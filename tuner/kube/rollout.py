@@ -1,0 +1,120 @@
+"""Cluster steps of a trial, each bounded in time: restart a Deployment the way
+`kubectl rollout restart` does and wait for the rollout; wait until every sidecar reports a
+tuning generation. Building blocks of `tuner experiment --target kubernetes` (not yet
+wired to a command).
+
+Design decision: a rollout is complete by the same test `kubectl rollout status` applies:
+the controller has observed the newest generation, and every replica is updated and
+available with no old replica left. A wait that runs out raises `KubeError` with the
+counts, so the trial is marked failed with the reason instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from tuner.errors import KubeError
+from tuner.kube.apply import translate_errors
+
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    generation: int
+    observed_generation: int
+    replicas: int
+    updated: int
+    available: int
+    total: int
+
+    @property
+    def is_complete(self) -> bool:
+        return (self.observed_generation >= self.generation and self.updated == self.replicas
+                and self.available == self.replicas and self.total == self.replicas)
+
+    def describe(self) -> str:
+        return (f"updated {self.updated}/{self.replicas}, available {self.available}/"
+                f"{self.replicas}, total {self.total}, observed generation "
+                f"{self.observed_generation}/{self.generation}")
+
+
+def rollout_state(deployment: Any) -> RolloutState:
+    status = deployment.status
+    return RolloutState(
+        generation=deployment.metadata.generation or 0,
+        observed_generation=(status.observed_generation or 0) if status else 0,
+        replicas=deployment.spec.replicas if deployment.spec.replicas is not None else 1,
+        updated=(status.updated_replicas or 0) if status else 0,
+        available=(status.available_replicas or 0) if status else 0,
+        total=(status.replicas or 0) if status else 0)
+
+
+def restart_deployment(apps_api: Any, namespace: str, name: str, *, host: str,
+                       context: str | None) -> None:
+    """Patch the pod template's restartedAt annotation, as `kubectl rollout restart`."""
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
+    with translate_errors("patch", namespace, name, host, context, resource="deployments",
+                    kind="Deployment"):
+        apps_api.patch_namespaced_deployment(name, namespace, body,
+                                             _content_type="application/merge-patch+json")
+
+
+def wait_rollout(apps_api: Any, namespace: str, name: str, *, timeout_s: float, host: str,
+                 context: str | None, poll_s: float = 1.0) -> RolloutState:
+    """Wait until the Deployment's rollout is complete, or raise KubeError at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with translate_errors("get", namespace, name, host, context, resource="deployments",
+                        kind="Deployment"):
+            state = rollout_state(apps_api.read_namespaced_deployment(name, namespace))
+        if state.is_complete:
+            return state
+        if time.monotonic() > deadline:
+            raise KubeError(f"the rollout of Deployment {namespace}/{name} did not complete "
+                            f"within {timeout_s:g}s ({state.describe()}); see `kubectl -n "
+                            f"{namespace} rollout status deploy/{name}`")
+        time.sleep(poll_s)
+
+
+def sidecar_urls(core_api: Any, namespace: str, selector: str, port: int, *, host: str,
+                 context: str | None) -> list[str]:
+    """The /status URLs of the running pods that `selector` picks."""
+    with translate_errors("list", namespace, selector, host, context, resource="pods", kind="Pods"):
+        pods = core_api.list_namespaced_pod(namespace, label_selector=selector).items
+    return [f"http://{pod.status.pod_ip}:{port}/status" for pod in pods
+            if pod.status is not None and pod.status.phase == "Running" and pod.status.pod_ip]
+
+
+def wait_sidecars(urls: list[str], generation: str, *, timeout_s: float,
+                  poll_s: float = 0.5) -> None:
+    """Wait until every sidecar reports `generation` as applied, or raise KubeError."""
+    if not urls:
+        raise KubeError("no running pod matched the sidecar selector: is the target "
+                        "Deployment up, and does its label match?")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        behind = {}
+        for url in urls:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    status = json.load(answer)
+            except (OSError, ValueError) as exc:
+                behind[url] = f"unreachable ({exc})"
+                continue
+            if status.get("generation") != generation:
+                behind[url] = (f"at generation {status.get('generation')!r}"
+                               + (f", error: {status['error']}" if status.get("error") else ""))
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise KubeError(f"{len(behind)} of {len(urls)} sidecars did not apply generation "
+                            f"{generation!r} within {timeout_s:g}s: "
+                            + "; ".join(f"{u} {why}" for u, why in behind.items()))
+        time.sleep(poll_s)
