@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 #: nginx [error] messages for a request written into a connection the upstream had closed
 NGINX_RACE_SIGNATURES = {
@@ -58,6 +58,6 @@ def count_haproxy_signatures(lines: Iterable[str]) -> Counter[str]:
     return counts
 
 
-def n_races(counts: Counter[str]) -> int:
+def n_races(counts: Mapping[str, int]) -> int:
     """How many counted lines are keep-alive race signatures (not other causes)."""
     return sum(n for kind, n in counts.items() if kind not in NGINX_OTHER_SIGNATURES)

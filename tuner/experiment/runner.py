@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import platform
-import random
 import subprocess
 import time
 import uuid
@@ -29,41 +28,33 @@ from pathlib import Path
 from typing import Any
 
 from tuner import __version__
-from tuner.analysis.outcomes import Outcome
-from tuner.analysis.signatures import count_haproxy_signatures, count_nginx_signatures, n_races
-from tuner.analysis.stopping import n_race_failures, trial_verdict
-from tuner.durations import format_seconds, plain_seconds
+from tuner.analysis.signatures import count_haproxy_signatures, count_nginx_signatures
+from tuner.durations import format_seconds
 from tuner.errors import ConfigError, ProbeError
 from tuner.experiment.spec import ExperimentSpec
+from tuner.experiment.trials import (
+    PROBE_SAMPLES,
+    InvalidTrial,
+    TrialKey,
+    describe_trial,
+    finish_record,
+    gaps_for,
+    load_plan,
+    new_record,
+    plan_trials,
+    probe_max_idle_s,
+    run_trials,
+    trial_order,
+)
 from tuner.lab import Lab
 from tuner.lab.lab import get_proxy_class
 from tuner.lab.upstreams import upstream_from
-from tuner.load.bursts import straddling_gaps
-from tuner.load.locust_runner import LocustPlan, run_locust
+from tuner.load.locust_runner import run_locust
 from tuner.probe import parse_target, probe
 from tuner.store import ResultsStore, TrialRecord
 
-#: connections the probe measures before each trial (the minimum is what gaps straddle)
-PROBE_SAMPLES = 3
-
-
-@dataclass(frozen=True)
-class TrialKey:
-    proxy_idle_s: float
-    upstream_idle_s: float
-    repeat: int
-
-    @property
-    def cell(self) -> str:
-        return f"{plain_seconds(self.proxy_idle_s)}|{plain_seconds(self.upstream_idle_s)}"
-
-
-def trial_order(spec: ExperimentSpec) -> list[TrialKey]:
-    """Every trial of the spec, in the order its seed shuffles them into (pure)."""
-    keys = [TrialKey(p, u, r) for r in range(spec.repeats) for p, u in spec.cells()]
-    random.Random(spec.seed).shuffle(keys)
-    return keys
-
+__all__ = ["ExperimentRun", "TrialKey", "describe_trial", "run_experiment", "run_trial",
+           "trial_order"]
 
 def check_grid(spec: ExperimentSpec) -> None:
     """Refuse, before anything starts, a grid value the upstream cannot take."""
@@ -130,128 +121,56 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
             store.add_experiment(experiment_id=experiment_id, created_at=time.time(),
                                  spec=spec.as_dict(), versions=_versions(spec),
                                  host=platform.node())
-        order = trial_order(spec)
-        attempts: dict[tuple[str, int], int] = {}
-        valid = set()
-        for trial in store.trials(experiment_id):
-            key = (trial.cell, trial.repeat)
-            attempts[key] = max(attempts.get(key, 0), trial.attempt + 1)
-            if trial.record.get("verdict") != "invalid":
-                valid.add(key)
-        todo = [key for key in order if (key.cell, key.repeat) not in valid]
-        say(f"{'resuming ' if stored else ''}experiment {experiment_id}: {len(order)} trials"
-            f"{f', {len(valid)} already recorded' if stored else ''}, results in {db}")
-        if todo:
-            first = todo[0]
+        plan = plan_trials(store, experiment_id, spec)
+        say(f"{'resuming ' if stored else ''}experiment {experiment_id}: {len(plan.order)} "
+            f"trials{f', {plan.n_done} already recorded' if stored else ''}, results in {db}")
+        if plan.todo:
+            first = plan.todo[0]
             with Lab(proxy=spec.proxy, upstream=upstream_from(spec.upstream, spec.upstream_cmd),
                      proxy_idle_s=first.proxy_idle_s,
                      upstream_idle_s=first.upstream_idle_s) as lab:
-                _run_trials(lab, spec, store, experiment_id, todo, attempts,
-                            n_total=len(order), n_done=len(valid), say=say, tick=tick)
+                run_trials(store, experiment_id, plan, say=say,
+                           new=lambda key: new_record(spec, key, upstream=_upstream_name(spec)),
+                           run_one=lambda key, record: run_trial(lab, spec, key, record,
+                                                                 tick=tick))
         trials = store.trials(experiment_id)
-    return ExperimentRun(experiment_id, db, spec, trials, len(order))
+    return ExperimentRun(experiment_id, db, spec, trials, len(plan.order))
 
 
-def _run_trials(lab: Lab, spec: ExperimentSpec, store: ResultsStore, experiment_id: str,
-                todo: list[TrialKey], attempts: dict[tuple[str, int], int], *, n_total: int,
-                n_done: int,
-                say: Callable[[str], None], tick: Callable[[str], None] | None) -> None:
-    started = time.monotonic()
-    n_failed_so_far = 0
-    for i, key in enumerate(todo):
-        number = n_done + i + 1
-        elapsed_s = time.monotonic() - started
-        eta = (f", ETA {format_seconds(round(elapsed_s / i * (len(todo) - i)))}"
-               if i else "")
-        say(f"[{number}/{n_total}] proxy idle {format_seconds(key.proxy_idle_s)}, upstream "
-            f"idle {format_seconds(key.upstream_idle_s)}, repeat {key.repeat + 1} "
-            f"(elapsed {format_seconds(max(1, round(elapsed_s)))}{eta}, "
-            f"failures so far {n_failed_so_far})")
-        trial_started = time.time()
-        record = run_trial(lab, spec, key, tick=tick)
-        store.add_trial(TrialRecord(experiment_id, key.cell, key.repeat, trial_started,
-                                    time.time(), record,
-                                    attempts.get((key.cell, key.repeat), 0)))
-        n_failed_so_far += int(record.get("n_failed", 0))
-        say("    " + describe_trial(record))
+def _upstream_name(spec: ExperimentSpec) -> str:
+    return spec.upstream if not spec.upstream_cmd else "command"
 
 
 def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey,
+              record: dict[str, Any] | None = None,
               tick: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One trial on a running lab; returns the record to store (never raises for a trial
-    that went wrong in the lab: it is recorded as invalid, with the cause)."""
+    """One trial on a running lab; returns the record to store (a trial that went wrong in
+    the lab raises InvalidTrial, and is recorded as invalid with the cause)."""
     assert lab.proxy is not None and lab.upstream is not None
-    record: dict[str, Any] = {
-        "proxy": spec.proxy, "upstream": spec.upstream if not spec.upstream_cmd else "command",
-        "proxy_idle_s": key.proxy_idle_s, "upstream_idle_s": key.upstream_idle_s,
-        "repeat": key.repeat, "verdict": "invalid", "invalid_reason": None}
+    if record is None:
+        record = new_record(spec, key, upstream=_upstream_name(spec))
     if lab.problem() is not None or lab.upstream.idle_s != key.upstream_idle_s:
         lab.set_upstream_idle(key.upstream_idle_s)  # also restarts an upstream that died
     if lab.proxy.proxy_idle_s != key.proxy_idle_s:
         lab.set_proxy_idle(key.proxy_idle_s)
-    max_idle_s = max(10.0, 3 * key.upstream_idle_s + 5)
+    max_idle_s = probe_max_idle_s(key.upstream_idle_s)
     try:
         measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=PROBE_SAMPLES,
                          max_idle_s=max_idle_s)
     except ProbeError as exc:
-        record["invalid_reason"] = f"probing the upstream failed: {exc}"
-        return record
+        raise InvalidTrial(f"probing the upstream failed: {exc}") from exc
     close_s = measured.effective_close_s
     record.update(upstream_close_s=close_s, upstream_advertised_s=measured.advertised_s,
                   close_kind=measured.close_kind)
-    if spec.gaps_s is not None:
-        gaps_s: list[float] = list(spec.gaps_s)
-    elif close_s is None:
-        record["invalid_reason"] = (f"the upstream kept idle connections open for "
-                                    f"{format_seconds(max_idle_s)}: no close to straddle; "
-                                    "give the spec a list of gaps")
-        return record
-    else:
-        gaps_s = straddling_gaps(close_s, below_s=spec.gap_half_width_s,
-                                 above_s=spec.gap_half_width_s, n_steps=spec.gap_steps)
+    gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
     mark = lab.proxy.error_log.mark()
     results = run_locust(
-        LocustPlan(host_url=lab.proxy.url, gaps_s=gaps_s, burst_size=spec.burst_size,
-                   methods=spec.methods, max_seconds=spec.max_seconds,
-                   max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
-                   stop=spec.stop),
-        workdir=lab.workdir,
+        load_plan(spec, lab.proxy.url, gaps_s), workdir=lab.workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
     lines = lab.proxy.error_log.lines_since(mark)
     signatures = (count_nginx_signatures(lines) if spec.proxy == "nginx"
                   else count_haproxy_signatures(lines))
-    counts: dict[str, int] = results.get("counts", {})
-    n_requests = sum(counts.values())
-    n_failed = sum(n for kind, n in counts.items() if kind != Outcome.OK)
-    n_reused = int(results.get("n_reused", 0))
-    n_cycles = int(results.get("n_cycles", 0))
-    record.update(
-        gaps_s=gaps_s, n_requests=n_requests, n_502=counts.get(Outcome.BAD_GATEWAY.value, 0),
-        n_failed=n_failed, failure_rate=(n_failed / n_requests) if n_requests else None,
-        n_race_failures=n_race_failures(counts), n_reused=n_reused, outcomes=counts,
-        by_gap=results.get("by_gap", {}), n_bursts=results.get("n_bursts", 0),
-        stop_reason=results.get("stop_reason"), elapsed_s=results.get("elapsed_s"),
-        n_proxy_log_races=n_races(signatures), log_signatures=dict(signatures))
     problem = lab.problem()
-    if problem is not None:
-        record["invalid_reason"] = f"a lab process died during the trial: {problem}"
-    elif signatures.get("connect_refused", 0):
-        record["invalid_reason"] = (f"the proxy could not connect to the upstream "
-                                    f"{signatures['connect_refused']} times: it was down, "
-                                    "which is not a keep-alive result")
-    elif n_requests == 0:
-        record["invalid_reason"] = "Locust sent no request"
-    else:
-        record["verdict"] = trial_verdict(n_race=record["n_race_failures"], n_reused=n_reused,
-                                          n_cycles=n_cycles, rule=spec.stop)
-    return record
-
-
-def describe_trial(record: dict[str, Any]) -> str:
-    """One line for people about a finished trial."""
-    if record["verdict"] == "invalid":
-        return f"INVALID: {record['invalid_reason']}"
-    return (f"{record['verdict'].upper()}: {record['n_failed']} failed of "
-            f"{record['n_requests']} ({record['n_502']} x 502), "
-            f"{record['n_proxy_log_races']} race lines in the proxy log; upstream closed "
-            f"idle connections after {record['upstream_close_s']:.3f} s")
+    return finish_record(record, spec, gaps_s=gaps_s, results=results, signatures=signatures,
+                         problem=f"a lab process died during the trial: {problem}"
+                         if problem is not None else None)
