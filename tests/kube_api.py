@@ -1,12 +1,13 @@
 """An in-repo HTTP server that speaks the Kubernetes REST protocol for what `tuner` touches:
-Namespaces (get) and ConfigMaps (get, create, replace, merge patch, server-side apply), with
-resourceVersion optimistic concurrency, field managers for apply, and the real error shapes
-(a `Status` body with 400, 403, 404, 409, 422).
+Namespaces (get) and ConfigMaps (get, create, replace, merge patch, server-side apply,
+delete, list and watch), with resourceVersion optimistic concurrency, field managers for
+apply, and the real error shapes (a `Status` body with 400, 403, 404, 409, 422; a watch's
+410 Gone as an ERROR event). A watch streams its events chunked, as the real server does.
 
 No Kubernetes API server can be installed on these machines; this lets the real
 `kubernetes` client be tested over HTTP, as kopf tests against a real localhost server.
 Knobs a test can turn: `deny` (RBAC), `conflicts` (someone else writes first), `reject`
-(an admission policy answers 422).
+(an admission policy answers 422), `compacted_version` (older watches answer 410 Gone).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +42,17 @@ class KubeState:
         #: how a restart rolls out: "complete" at once, or "never" becomes ready
         self.rollout = "complete"
         self.pods: list[dict[str, Any]] = []  # what a pod list returns
+        #: until this time.monotonic(), every connection is closed unanswered (unreachable)
+        self.down_until = 0.0
+        #: called (under the lock) with (namespace, name) when a Deployment is restarted,
+        #: before its rollout status is set: a test starts its "new pods" here
+        self.on_restart: Callable[[str, str], None] | None = None
+        #: configmap changes in order, as watches stream them: {"type": ..., "object": ...}
+        self.events: list[dict[str, Any]] = []
+        #: a watch from an older resourceVersion answers 410 Gone, as after etcd compaction
+        self.compacted_version = 0
+        self.changed = threading.Condition(self.lock)  # notified on every event and on close
+        self.closed = False  # the server is stopping: open watches end
 
     def add_deployment(self, ns: str, name: str, replicas: int = 2) -> None:
         self.deployments[(ns, name)] = {
@@ -57,6 +70,12 @@ class KubeState:
         self.version += 1
         return str(self.version)
 
+    def record(self, kind: str, obj: dict[str, Any]) -> None:
+        """Log a configmap change for the watches and wake them (the caller holds the lock)."""
+        public = {k: v for k, v in obj.items() if k != "_owners"}
+        self.events.append({"type": kind, "object": json.loads(json.dumps(public))})
+        self.changed.notify_all()
+
 
 def _status(code: int, reason: str, message: str, name: str = "") -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -69,6 +88,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
+
+    def handle(self) -> None:
+        if time.monotonic() < self.state.down_until:
+            self.close_connection = True  # as an API server that is not there
+            return
+        super().handle()
 
     def _send(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -144,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         obj["metadata"].update(namespace=ns, resourceVersion=self.state.next_version(),
                                uid=f"uid-{name}")
         self.state.configmaps[(ns, name)] = obj
+        self.state.record("ADDED", obj)
         self._send(201, obj)
 
     def _update(self, ns: str, name: str) -> None:
@@ -168,6 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         obj["metadata"].update(namespace=ns, resourceVersion=self.state.next_version(),
                                uid=current["metadata"].get("uid"))
         self.state.configmaps[(ns, name)] = obj
+        self.state.record("MODIFIED", obj)
         self._send(200, obj)
 
     def _patch(self, ns: str, name: str) -> None:
@@ -205,6 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
                                     f"the body of the request was in an unknown format: "
                                     f"{content_type}", name))
             return
+        if self.state.conflicts > 0 and current is not None:  # another writer got there first
+            self.state.conflicts -= 1
+            current["metadata"]["resourceVersion"] = self.state.next_version()
         expected = patch.get("metadata", {}).get("resourceVersion")
         if current is not None and expected and expected != current["metadata"][
                 "resourceVersion"]:
@@ -226,6 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         merged["metadata"]["resourceVersion"] = self.state.next_version()
         self.state.configmaps[(ns, name)] = merged
+        self.state.record("ADDED" if current is None else "MODIFIED", merged)
         public = {k: v for k, v in merged.items() if k != "_owners"}
         self._send(201 if current is None else 200, public)
 
@@ -263,6 +294,8 @@ class _Handler(BaseHTTPRequestHandler):
                 deployment["metadata"]["generation"] += 1
                 deployment["metadata"]["resourceVersion"] = state.next_version()
                 replicas = deployment["spec"]["replicas"]
+                if state.on_restart is not None:
+                    state.on_restart(ns, name)
                 if state.rollout == "complete":
                     deployment["status"].update(
                         observedGeneration=deployment["metadata"]["generation"],
@@ -285,10 +318,130 @@ class _Handler(BaseHTTPRequestHandler):
                              "items": self.state.pods})
         return True
 
+    def _delete(self, ns: str, name: str) -> None:
+        obj = self.state.configmaps.pop((ns, name), None)
+        if obj is None:
+            self._send(404, _status(404, "NotFound", f'configmaps "{name}" not found', name))
+            return
+        obj["metadata"]["resourceVersion"] = self.state.next_version()
+        self.state.record("DELETED", obj)
+        self._send(200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                         "status": "Success", "details": {"name": name, "kind": "configmaps"}})
+
+    def _configmap_collection(self) -> bool:
+        """List, or with watch=true watch, the configmaps of a namespace; fieldSelector
+        `metadata.name=NAME` only (RBAC allows resourceNames on list/watch only with it)."""
+        url = urlsplit(self.path)
+        match = re.fullmatch(r"/api/v1/namespaces/([^/]+)/configmaps", url.path)
+        if match is None:
+            return False
+        ns, query = match.group(1), parse_qs(url.query)
+        verb = "watch" if (query.get("watch") or [""])[0].lower() in ("true", "1") else "list"
+        selector = (query.get("fieldSelector") or [""])[0]
+        name = selector.removeprefix("metadata.name=") or None
+        state = self.state
+        with state.lock:
+            state.requests.append((verb, self.path))
+            if selector and not selector.startswith("metadata.name="):
+                self._send(400, _status(400, "BadRequest", f'field label not supported: '
+                                        f'"{selector.partition("=")[0]}"'))
+                return True
+            if (verb, ns) in state.deny:
+                what = f'configmaps "{name}"' if name else "configmaps"
+                self._send(403, _status(
+                    403, "Forbidden", f'{what} is forbidden: '
+                    f'User "system:serviceaccount:tuner:tuner" cannot {verb} resource '
+                    f'"configmaps" in API group "" in the namespace "{ns}"', name or ""))
+                return True
+            if ns not in state.namespaces:
+                self._send(404, _status(404, "NotFound", f'namespaces "{ns}" not found'))
+                return True
+            if verb == "list":
+                self._send(200, {"kind": "ConfigMapList", "apiVersion": "v1",
+                                 "metadata": {"resourceVersion": str(state.version)},
+                                 "items": self._items(ns, name)})
+                return True
+        self._watch(ns, name, query)
+        return True
+
+    def _items(self, ns: str, name: str | None) -> list[dict[str, Any]]:
+        return [{k: v for k, v in obj.items() if k != "_owners"}
+                for (in_ns, obj_name), obj in sorted(self.state.configmaps.items())
+                if in_ns == ns and name in (None, obj_name)]
+
+    def _watch(self, ns: str, name: str | None, query: dict[str, list[str]]) -> None:
+        """Stream events newer than resourceVersion (unset or "0": the current objects as
+        ADDED first), each a JSON line, until timeoutSeconds; then a BOOKMARK if asked."""
+        state = self.state
+        deadline = time.monotonic() + float((query.get("timeoutSeconds") or ["1800"])[0])
+        requested = (query.get("resourceVersion") or [""])[0]
+        bookmarks = (query.get("allowWatchBookmarks") or [""])[0].lower() == "true"
+        # Chunked, so HTTP/1.1: urllib3 hands a chunked body over as each chunk arrives, but
+        # reads a body ended by closing the connection to its very end (the whole watch).
+        self.protocol_version = "HTTP/1.1"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        with state.lock:
+            position: int | None = state.version
+            if requested in ("", "0"):
+                pending = [{"type": "ADDED", "object": obj} for obj in self._items(ns, name)]
+            elif int(requested) < state.compacted_version:
+                pending, position = [{"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "reason": "Expired", "code": 410, "message": f"too old resource version: "
+                    f"{requested} ({state.compacted_version})"}}], None
+            else:
+                pending, position = [], int(requested)
+        try:
+            while True:
+                for event in pending:
+                    self._chunk(event)
+                if position is None:
+                    break
+                pending, position = self._wait_events(ns, name, position, deadline, bookmarks)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client went away: its watch is over
+            pass
+
+    def _wait_events(self, ns: str, name: str | None, position: int, deadline: float,
+                     bookmarks: bool) -> tuple[list[dict[str, Any]], int | None]:
+        """The events after `position` once there are some; at the deadline none (or the
+        BOOKMARK) and None: the watch ends."""
+        state = self.state
+        with state.lock:
+            while not state.closed:
+                fresh = [event for event in state.events
+                         if int(event["object"]["metadata"]["resourceVersion"]) > position
+                         and event["object"]["metadata"]["namespace"] == ns
+                         and name in (None, event["object"]["metadata"]["name"])]
+                position = state.version
+                if fresh:
+                    return fresh, position
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                state.changed.wait(remaining)
+            if bookmarks and not state.closed:
+                return [{"type": "BOOKMARK", "object": {
+                    "kind": "ConfigMap", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(state.version)}}}], None
+            return [], None
+
+    def _chunk(self, event: dict[str, Any]) -> None:
+        data = json.dumps(event).encode() + b"\n"
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
     def do_GET(self) -> None:
-        if self._apps("get") or self._pods():
+        if self._apps("get") or self._pods() or self._configmap_collection():
             return
         self._route("get")
+
+    def do_DELETE(self) -> None:
+        self._route("delete")
 
     def do_POST(self) -> None:
         self._route("create")
@@ -315,6 +468,9 @@ def kube_api(tmp_path: Path) -> Iterator[tuple[KubeState, Path]]:
     try:
         yield state, kubeconfig
     finally:
+        with state.lock:  # open watches end now, not at their timeoutSeconds
+            state.closed = True
+            state.changed.notify_all()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

@@ -99,8 +99,8 @@ def test_wait_for_every_sidecar_to_apply_a_generation(tmp_path: Path) -> None:
             api, host, context = connect(kubeconfig=str(kubeconfig), context=None)
             urls = sidecar_urls(api, "shop", "app=demo-app", ports[0], host=host,
                                 context=context)
-            assert urls == [f"http://127.0.0.1:{ports[0]}/status"] * 2
-        all_urls = [f"http://127.0.0.1:{port}/status" for port in ports]
+            assert urls == [f"http://127.0.0.1:{ports[0]}"] * 2
+        all_urls = [f"http://127.0.0.1:{port}" for port in ports]
         wait_sidecars(all_urls, "1", timeout_s=5)
         (tmp_path / "pod0" / "tuning" / "generation").write_text("2")
         with pytest.raises(KubeError, match=r"1 of 2 sidecars did not apply generation '2'"):

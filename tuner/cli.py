@@ -41,9 +41,10 @@ EXIT_CODES = """exit codes:
   5    a server could not be probed (unreachable, not HTTP/1.1)
   6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe
   7    the results store cannot be used (not ours, newer schema, locked, disk full)
-  8    tuner recommend: the data cannot support a recommendation (it says what would)
-  9    tuner apply: the Kubernetes API refused (RBAC, missing namespace, invalid) or was
-       unreachable
+  8    tuner recommend (and experiment --target kubernetes): the data cannot support
+       a recommendation (it says what would)
+  9    tuner apply, experiment --target kubernetes: the Kubernetes API refused (RBAC,
+       a missing ConfigMap, Deployment or namespace, invalid) or stayed unreachable
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
 
 
@@ -181,7 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
                "  tuner experiment --proxy nginx --upstream node --proxy-idle 1s,3s "
                "--upstream-idle 1s\n"
                "  tuner experiment spec.yaml --db results.db\n"
-               "  tuner experiment --db results.db --resume     # after Ctrl-C or a crash\n\n"
+               "  tuner experiment --db results.db --resume     # after Ctrl-C or a crash\n"
+               "  tuner experiment spec.yaml --target kubernetes --db /results/results.db\n\n"
+               "--target kubernetes (README: Run it in your cluster): per trial, patch the\n"
+               "tuning ConfigMap, restart the app's Deployment when its setting changes and\n"
+               "wait for the rollout, wait for every sidecar to apply the trial, probe the\n"
+               "app through a sidecar, load the Service, read the sidecars' counters. A\n"
+               "ledger ConfigMap makes a re-run Job resume; the baseline is restored at the\n"
+               "end, on SIGTERM and on errors; then the recommendation ConfigMap is written.\n"
+               "A rollout or sidecar that never gets there fails its trial (invalid), with\n"
+               "the reason; an unreachable API server is retried for api_retry_limit.\n\n"
                "verdicts: unsafe (race failures seen), safe (decisively none), inconclusive\n"
                "(budget ran out first), invalid (the lab failed: never a keep-alive result)\n\n"
                + EXIT_CODES)
@@ -212,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "trials")
     experiment.add_argument("--json", action="store_true", help="print one JSON object")
     experiment.add_argument("--target", choices=("local", "kubernetes"), default="local",
-                            help="where the trials run (default: the local lab)")
+                            help="where the trials run: the local lab (default), or the "
+                                 "cluster the spec's kubernetes: section names")
+    experiment.add_argument("--kubeconfig", metavar="PATH",
+                            help="--target kubernetes: kubeconfig (default: $KUBECONFIG, "
+                                 "~/.kube/config, or the in-cluster service account)")
+    experiment.add_argument("--context", metavar="NAME",
+                            help="--target kubernetes: kubeconfig context")
     experiment.set_defaults(handler=cmd_experiment)
 
     results = commands.add_parser("results", help="list the trials of a results store",

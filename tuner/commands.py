@@ -8,12 +8,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuner.durations import format_seconds
-from tuner.errors import ConfigError, LabError, LoadError
+from tuner.errors import ConfigError, KubeError, LabError, LoadError
 from tuner.lab import Lab
 from tuner.lab.upstreams import upstream_from
 
@@ -156,10 +157,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from tuner.experiment.runner import run_experiment
     from tuner.render import render_trials
 
-    if args.target == "kubernetes":
-        raise ConfigError("--target kubernetes: the cluster runner is not built yet; run the "
-                          "experiment on the local lab and write its recommendation to the "
-                          "cluster with `tuner apply` (README: Run it in your cluster)")
+    if args.target == "kubernetes" and args.resume:
+        raise ConfigError("--resume: with --target kubernetes, resuming is automatic: the "
+                          "ledger ConfigMap names the unfinished experiment; drop --resume")
+    if args.target == "local" and (args.kubeconfig or args.context):
+        raise ConfigError("--kubeconfig and --context go with --target kubernetes")
     spec = _experiment_spec(args)
     live = not args.json and sys.stderr.isatty()
 
@@ -174,6 +176,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     resume_hint = (f"the trials finished so far are in {spec.db}; continue with\n"
                    f"  tuner experiment --db {spec.db} --resume")
+    if args.target == "kubernetes":
+        return _cluster_experiment(args, spec, say=say, tick=tick if live else None)
     try:
         run = run_experiment(spec, resume=args.resume, say=say, tick=tick if live else None)
     except KeyboardInterrupt:
@@ -189,6 +193,38 @@ def cmd_experiment(args: argparse.Namespace) -> int:
               f"trials in {run.db}\n")
         print(render_trials([t.record for t in run.trials]))
     return 0
+
+
+def _cluster_experiment(args: argparse.Namespace, spec: ExperimentSpec, *,
+                        say: Callable[[str], None],
+                        tick: Callable[[str], None] | None) -> int:
+    from tuner.experiment.cluster_runner import run_cluster_experiment
+    from tuner.render import render_trials
+
+    ledger = spec.kubernetes.get("ledger_configmap", "tuner-ledger")
+    hint = (f"the trials finished so far are in {spec.db}, and ledger ConfigMap {ledger} "
+            "names them: run the same command (or let the Job run again) to continue")
+    try:
+        run = run_cluster_experiment(spec, kubeconfig=args.kubeconfig, context=args.context,
+                                     say=say, tick=tick)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (LoadError, KubeError) as exc:
+        print(f"error: {exc}\n{hint}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        document = _experiment_document(run)
+        document.update(written=[asdict(r) for r in run.written],
+                        recommendation_problem=run.recommendation_problem, notes=run.notes)
+        print(json.dumps(document, indent=2))
+    else:
+        print(f"\nexperiment {run.experiment_id}: {len(run.trials)} of {run.n_planned} "
+              f"trials in {run.db}\n")
+        print(render_trials([t.record for t in run.trials]))
+        for note in run.notes:
+            print(f"note: {note}")
+    return EXIT_INSUFFICIENT if run.recommendation_problem else 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:

@@ -10,6 +10,9 @@
      ├── ProbeError               a server could not be probed                     (exit 5)
      ├── StoreError               the results store: not ours, newer, locked, full (exit 7)
      └── KubeError                the Kubernetes API refused or was unreachable    (exit 9)
+          ├── KubeUnreachable         no answer from the API server (retried with backoff)
+          ├── KubeWaitTimeout         a rollout or the sidecars did not get there in time
+          └── SidecarRefused          a sidecar answered but is set up wrong
 
 Every message says what failed, with the values, and what to do next. Only the CLI
 catches `TunerError`; bugs keep their traceback.
@@ -71,3 +74,16 @@ class KubeError(TunerError):
     """The Kubernetes API refused a request, or could not be reached."""
 
     exit_code = 9
+
+
+class KubeUnreachable(KubeError):
+    """The API server did not answer (refused, reset, timed out): worth retrying."""
+
+
+class KubeWaitTimeout(KubeError):
+    """A wait in the cluster ran out: a rollout never became ready, a sidecar never applied a
+    generation. It fails the trial, not the experiment."""
+
+
+class SidecarRefused(KubeError):
+    """A sidecar answered, but refused (e.g. /probe without --app-url): no retry mends it."""

@@ -21,6 +21,10 @@
     write_back:                     # where `tuner recommend -o configmap` / `tuner apply` write
       ingress_nginx: {namespace: ingress-nginx, name: ingress-nginx-controller}
       app: {namespace: shop, name: checkout-config, key: KEEP_ALIVE_TIMEOUT_MS, unit: ms}
+    kubernetes:                     # --target kubernetes: see tuner/kube/target.py
+      namespace: tuner-demo
+      service_url: http://demo-app.tuner-demo.svc/
+      deployment: demo-app
 
 Design decision: parsing is pure (a dict in, a frozen `ExperimentSpec` out) and every error
 names the key and the bad value, as `proxy_idle[1]: '10 parsecs' is not a duration`.
@@ -65,6 +69,8 @@ class ExperimentSpec:
     db: str = "results.db"
     stop: StopRule = field(default_factory=StopRule)
     write_back: dict[str, Any] = field(default_factory=dict)
+    #: --target kubernetes: where in the cluster (see tuner.kube.target)
+    kubernetes: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, for the results store."""
@@ -87,7 +93,7 @@ def _bad(key: str, value: object, why: str) -> ConfigError:
     return ConfigError(f"{key}: {value!r} {why}")
 
 
-def _duration(key: str, value: object) -> float:
+def spec_duration(key: str, value: object) -> float:
     if isinstance(value, bool):
         raise _bad(key, value, f"is not a duration; write {EXAMPLES}")
     if isinstance(value, int | float):
@@ -103,7 +109,7 @@ def _durations(key: str, value: object) -> tuple[float, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise _bad(key, value, "must be a duration or a non-empty list of durations")
-    values = tuple(_duration(f"{key}[{i}]", item) for i, item in enumerate(items))
+    values = tuple(spec_duration(f"{key}[{i}]", item) for i, item in enumerate(items))
     for i, seconds in enumerate(values):
         if any(abs(seconds - earlier) < 1e-9 for earlier in values[:i]):
             raise _bad(f"{key}[{i}]", items[i], "repeats an earlier value of the list")
@@ -126,7 +132,8 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 _FIELDS = ("proxy", "upstream", "upstream_cmd", "proxy_idle", "upstream_idle", "repeats",
            "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "methods",
-           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after", "write_back")
+           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after", "write_back",
+           "kubernetes")
 
 
 def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -> ExperimentSpec:
@@ -151,9 +158,9 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
         elif key in ("proxy_idle", "upstream_idle"):
             changes[f"{key}_s"] = _durations(key, value)
         elif key in ("max_seconds",):
-            changes["max_seconds"] = _duration(key, value)
+            changes["max_seconds"] = spec_duration(key, value)
         elif key == "gap_half_width":
-            changes["gap_half_width_s"] = _duration(key, value)
+            changes["gap_half_width_s"] = spec_duration(key, value)
         elif key == "gaps":
             changes["gaps_s"] = None if value == AROUND_CLOSE else _durations(key, value)
         elif key in ("repeats", "burst_size", "gap_steps"):
@@ -172,6 +179,10 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
             from tuner.kube.objects import parse_write_back
 
             changes["write_back"] = parse_write_back(value)
+        elif key == "kubernetes":
+            from tuner.kube.target import parse_cluster_target
+
+            changes["kubernetes"] = parse_cluster_target(value)
         elif key == "safe_after":
             stop = dataclasses.replace(stop, safe_after_requests=_int(key, value, minimum=0))
     return dataclasses.replace(spec, **changes, stop=stop)

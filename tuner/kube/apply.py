@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.errors import KubeError
+from tuner.errors import KubeError, KubeUnreachable
 
 MAX_CONFLICT_RETRIES = 5
 
@@ -79,7 +79,7 @@ def translate_errors(verb: str, namespace: str, name: str, host: str, context: s
         raise KubeError(f"{verb} {kind} {namespace}/{name} failed ({exc.status}): "
                         f"{message}") from exc
     except HTTPError as exc:
-        raise KubeError(f"cannot reach the Kubernetes API server at {host}"
+        raise KubeUnreachable(f"cannot reach the Kubernetes API server at {host}"
                         f"{f' (context {context})' if context else ''}: {exc}; check the "
                         "kubeconfig and that the cluster is up") from exc
 

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.errors import KubeError
+from tuner.errors import KubeError, KubeWaitTimeout
 from tuner.kube.apply import translate_errors
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
@@ -77,7 +77,7 @@ def wait_rollout(apps_api: Any, namespace: str, name: str, *, timeout_s: float, 
         if state.is_complete:
             return state
         if time.monotonic() > deadline:
-            raise KubeError(f"the rollout of Deployment {namespace}/{name} did not complete "
+            raise KubeWaitTimeout(f"the rollout of Deployment {namespace}/{name} did not complete "
                             f"within {timeout_s:g}s ({state.describe()}); see `kubectl -n "
                             f"{namespace} rollout status deploy/{name}`")
         time.sleep(poll_s)
@@ -85,11 +85,13 @@ def wait_rollout(apps_api: Any, namespace: str, name: str, *, timeout_s: float, 
 
 def sidecar_urls(core_api: Any, namespace: str, selector: str, port: int, *, host: str,
                  context: str | None) -> list[str]:
-    """The /status URLs of the running pods that `selector` picks."""
+    """The sidecar base URLs of the running pods that `selector` picks (pods on their way
+    out, with a deletionTimestamp, are left out: they no longer get the Service's load)."""
     with translate_errors("list", namespace, selector, host, context, resource="pods", kind="Pods"):
         pods = core_api.list_namespaced_pod(namespace, label_selector=selector).items
-    return [f"http://{pod.status.pod_ip}:{port}/status" for pod in pods
-            if pod.status is not None and pod.status.phase == "Running" and pod.status.pod_ip]
+    return [f"http://{pod.status.pod_ip}:{port}" for pod in pods
+            if pod.status is not None and pod.status.phase == "Running" and pod.status.pod_ip
+            and pod.metadata.deletion_timestamp is None]
 
 
 def wait_sidecars(urls: list[str], generation: str, *, timeout_s: float,
@@ -103,7 +105,7 @@ def wait_sidecars(urls: list[str], generation: str, *, timeout_s: float,
         behind = {}
         for url in urls:
             try:
-                with urllib.request.urlopen(url, timeout=5) as answer:
+                with urllib.request.urlopen(f"{url}/status", timeout=5) as answer:
                     status = json.load(answer)
             except (OSError, ValueError) as exc:
                 behind[url] = f"unreachable ({exc})"
@@ -114,7 +116,7 @@ def wait_sidecars(urls: list[str], generation: str, *, timeout_s: float,
         if not behind:
             return
         if time.monotonic() > deadline:
-            raise KubeError(f"{len(behind)} of {len(urls)} sidecars did not apply generation "
+            raise KubeWaitTimeout(f"{len(behind)} of {len(urls)} sidecars did not apply generation "
                             f"{generation!r} within {timeout_s:g}s: "
                             + "; ".join(f"{u} {why}" for u, why in behind.items()))
         time.sleep(poll_s)

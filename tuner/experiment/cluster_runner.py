@@ -1,0 +1,317 @@
+"""`tuner experiment --target kubernetes`: run the trials of a spec in a cluster.
+
+One trial:
+  1. patch the tuning ConfigMap: the proxy's idle timeout, the app's idle setting, and a
+     generation naming this trial;
+  2. when the app's setting changed, restart its Deployment as `kubectl rollout restart`
+     does (the app reads the key at start) and wait for the rollout;
+  3. wait until every sidecar beside the proxy reports the trial's generation applied;
+  4. ask one sidecar to probe the app beside it: its real idle close, which the gaps
+     straddle (Node closes a second after its setting);
+  5. mark every sidecar's error log, run the race-hunting Locust load against the Service,
+     and take the signatures each sidecar counted since its mark;
+  6. store the trial (results store on a volume) and its summary in the ledger ConfigMap.
+At the end the baseline settings are restored, and the recommendation ConfigMap (plus the
+spec's write_back targets) is written.
+
+Design decision: the ledger ConfigMap, not a flag, decides about resuming. A Job whose pod
+is evicted or hits an error is re-run by Kubernetes (backoffLimit) with the same spec and
+volume; it finds the ledger of an unfinished experiment with the same spec and continues
+it, and it restores the baseline the *first* run recorded, never the half-tuned settings
+the cut-short run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import platform
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner import __version__
+from tuner.errors import ConfigError, KubeError, KubeWaitTimeout
+from tuner.experiment.runner import ExperimentRun
+from tuner.experiment.spec import ExperimentSpec
+from tuner.experiment.trials import (
+    PROBE_SAMPLES,
+    InvalidTrial,
+    TrialKey,
+    TrialPlan,
+    finish_record,
+    gaps_for,
+    load_plan,
+    new_record,
+    plan_trials,
+    probe_max_idle_s,
+    run_trials,
+)
+from tuner.kube.apply import ApplyResult, apply_configmaps, connect
+from tuner.kube.cluster import Cluster, sidecar_get, sum_signatures
+from tuner.kube.target import ClusterTarget, cluster_target
+from tuner.lab.process import held_signals
+from tuner.load.locust_runner import run_locust
+from tuner.store import ResultsStore, TrialRecord
+
+#: Kubernetes gives a pod 30 s (the Job sets 60 s) between SIGTERM and SIGKILL: the
+#: restore after an interruption must fit, so it waits for the API this long at most and
+#: does not wait for the rollout it starts
+RESTORE_RETRY_LIMIT_S = 20.0
+
+
+@dataclass
+class ClusterRun(ExperimentRun):
+    #: the ConfigMaps written at the end, or why no recommendation could be written
+    written: list[ApplyResult] = field(default_factory=list)
+    recommendation_problem: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def spec_digest(spec: ExperimentSpec) -> str:
+    """What identifies "the same experiment" to a re-run Job (the db path aside)."""
+    document = {k: v for k, v in spec.as_dict().items() if k != "db"}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    versions = {"tuner": __version__, "python": platform.python_version(),
+                "target": "kubernetes"}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions["locust"] = importlib.metadata.version("locust")
+    return versions
+
+
+@dataclass
+class _Deployed:
+    """What the app was last restarted with (or started with, at the beginning)."""
+
+    upstream_value: str | None
+
+
+def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
+                           context: str | None, say: Callable[[str], None] = print,
+                           tick: Callable[[str], None] | None = None,
+                           poll_s: float = 1.0) -> ClusterRun:
+    """Run (or continue, from the ledger) an experiment in the cluster."""
+    if spec.proxy != "nginx":
+        raise ConfigError(f"proxy: {spec.proxy!r}: in a cluster the tuner sidecar drives the "
+                          "proxy, and it drives nginx only; run HAProxy experiments on the "
+                          "local lab")
+    target = cluster_target(spec.kubernetes, upstream_idle_s=spec.upstream_idle_s,
+                            proxy_idle_s=spec.proxy_idle_s)
+    connection = connect(kubeconfig=kubeconfig, context=context)
+    cluster = Cluster(connection, target, say=say, poll_s=poll_s)
+    tuning = cluster.read_tuning()
+    cluster.check_deployment()
+    ledger_cm = cluster.read_configmap(target.ledger_configmap, missing_ok=True)
+    ledger = dict(ledger_cm.data or {}) if ledger_cm is not None else {}
+    keys = (target.proxy_idle_key, target.upstream_idle_key, target.generation_key)
+    db = Path(spec.db)
+    notes: list[str] = []
+    with ResultsStore(db) as store:
+        digest = spec_digest(spec)
+        stored = (store.experiment(ledger["experiment-id"])
+                  if ledger.get("spec-digest") == digest and ledger.get("experiment-id")
+                  else None)
+        if ledger.get("state") == "running" and ledger.get("baseline"):
+            # an earlier run was cut short: what it recorded is the real baseline
+            baseline = json.loads(ledger["baseline"])
+            say(f"the ledger ConfigMap {target.ledger_configmap} shows a run that was cut "
+                "short; its recorded baseline will be restored at the end")
+        else:
+            baseline = {key: tuning.get(key) for key in keys}
+        if stored is not None:
+            experiment_id = stored["id"]
+            if ledger.get("state") == "finished":
+                say(f"experiment {experiment_id} already finished (ledger ConfigMap "
+                    f"{target.ledger_configmap}); writing its recommendation again. Delete "
+                    "that ConfigMap to start a new experiment")
+        else:
+            if ledger.get("experiment-id"):
+                notes.append(f"the ledger named experiment {ledger['experiment-id']}, which "
+                             f"{db} does not hold with this spec: a new experiment started")
+            experiment_id = uuid.uuid4().hex[:12]
+            store.add_experiment(experiment_id=experiment_id, created_at=time.time(),
+                                 spec=spec.as_dict(), versions=_versions(),
+                                 host=f"kubernetes {cluster.host} namespace "
+                                      f"{target.namespace}")
+        plan = plan_trials(store, experiment_id, spec)
+        say(f"{'resuming ' if stored else ''}experiment {experiment_id} in namespace "
+            f"{target.namespace}: {len(plan.order)} trials"
+            f"{f', {plan.n_done} already recorded' if stored else ''}, results in {db}")
+        stale = {key: None for key in ledger if key.startswith("trial-")} if not stored else {}
+        cluster.patch_data(target.ledger_configmap, {
+            **stale, "experiment-id": experiment_id, "spec-digest": digest,
+            "state": "running" if plan.todo else "finished",
+            "baseline": json.dumps(baseline, sort_keys=True),
+            "updated-at": _now()}, create=True)
+        deployed = _Deployed(tuning.get(target.upstream_idle_key))
+        if plan.todo:
+            _run_with_restore(cluster, spec, store, experiment_id, plan, baseline=baseline,
+                              deployed=deployed, say=say, tick=tick)
+        trials = store.trials(experiment_id)
+    run = ClusterRun(experiment_id, db, spec, trials, len(plan.order), notes=notes)
+    _write_recommendation(run, connection, target, say=say)
+    return run
+
+
+def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStore,
+                      experiment_id: str, plan: TrialPlan, *, baseline: Mapping[str, str | None],
+                      deployed: _Deployed, say: Callable[[str], None],
+                      tick: Callable[[str], None] | None) -> None:
+    target = cluster.target
+
+    def recorded(index: int, trial: TrialRecord) -> None:
+        summary = {key: trial.record.get(key) for key in (
+            "verdict", "n_requests", "n_failed", "n_502", "generation", "invalid_reason")}
+        summary.update(cell=trial.cell, repeat=trial.repeat, attempt=trial.attempt)
+        cluster.patch_data(target.ledger_configmap, {
+            f"trial-{index:03d}": json.dumps(summary, sort_keys=True), "updated-at": _now()})
+
+    def run_one(key: TrialKey, record: dict[str, Any]) -> dict[str, Any]:
+        index = plan.order.index(key)
+        attempt = plan.attempts.get((key.cell, key.repeat), 0)
+        return cluster_trial(cluster, spec, key, record,
+                             generation=f"{experiment_id}-{index:03d}-{attempt}",
+                             deployed=deployed, workdir=workdir, tick=tick)
+
+    finished = False
+    stopped_by = "an error"
+    with tempfile.TemporaryDirectory(prefix="tuner-locust-") as tmp:
+        workdir = Path(tmp)
+        try:
+            run_trials(store, experiment_id, plan, say=say, recorded=recorded,
+                       new=lambda key: new_record(spec, key, upstream=spec.upstream),
+                       run_one=run_one)
+            finished = True
+        except KeyboardInterrupt as exc:
+            stopped_by = f"{exc or 'SIGINT'}"
+            raise
+        except KubeError as exc:
+            stopped_by = str(exc)
+            raise
+        finally:
+            with held_signals():  # a second SIGTERM must not cut the restore short
+                _restore(cluster, baseline, deployed=deployed, wait=finished, say=say)
+                _close_ledger(cluster, finished=finished, stopped_by=stopped_by, say=say)
+
+
+def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
+                  record: dict[str, Any], *, generation: str, deployed: _Deployed,
+                  workdir: Path, tick: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One trial in the cluster. A wait that runs out raises InvalidTrial (the trial is
+    recorded as failed, with the reason); an API refusal raises KubeError (the experiment
+    stops: every further trial would be refused too)."""
+    target = cluster.target
+    upstream_value = target.upstream_value(key.upstream_idle_s)
+    changes = {target.proxy_idle_key: target.proxy_value(key.proxy_idle_s),
+               target.generation_key: generation}
+    restart = deployed.upstream_value != upstream_value
+    if restart:
+        changes[target.upstream_idle_key] = upstream_value
+    record["generation"] = generation
+    cluster.patch_data(target.tuning_configmap, changes)
+    if restart:
+        cluster.restart()
+        deployed.upstream_value = upstream_value
+    try:
+        cluster.wait_rollout()
+        urls = cluster.sidecars()
+        if not urls:
+            raise KubeWaitTimeout(f"no running pod matches {target.pod_selector!r} in "
+                                  f"namespace {target.namespace}")
+        cluster.wait_generation(urls, generation)
+        max_idle_s = probe_max_idle_s(key.upstream_idle_s)
+        measured = sidecar_get(urls[0], "/probe", timeout_s=max_idle_s + 60,
+                               samples=PROBE_SAMPLES, max_idle=f"{max_idle_s:g}s")
+        close_s = measured.get("effective_close_s")
+        record.update(upstream_close_s=close_s, upstream_advertised_s=measured.get(
+            "advertised_s"), close_kind=measured.get("close_kind"), n_pods=len(urls))
+        gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
+        marks = {url: int(sidecar_get(url, "/status")["log_offset"]) for url in urls}
+    except KubeWaitTimeout as exc:
+        raise InvalidTrial(str(exc)) from exc
+    results = run_locust(
+        load_plan(spec, target.service_url, gaps_s), workdir=workdir,
+        on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
+    statuses, problem = [], None
+    for url, mark in marks.items():
+        try:
+            status = sidecar_get(url, "/status", since=mark)
+        except KubeWaitTimeout as exc:
+            problem = (f"the sidecar at {url} went away during the trial ({exc}): its pod "
+                       "restarted, and what its proxy saw is lost")
+            continue
+        statuses.append(status)
+        if status.get("generation") != generation:
+            problem = (f"the sidecar at {url} moved from generation {generation} to "
+                       f"{status.get('generation')!r} during the trial: something else "
+                       f"changed ConfigMap {target.tuning_configmap}")
+    return finish_record(record, spec, gaps_s=gaps_s, results=results,
+                         signatures=sum_signatures(statuses), problem=problem)
+
+
+def _restore(cluster: Cluster, baseline: Mapping[str, str | None], *, deployed: _Deployed,
+             wait: bool, say: Callable[[str], None]) -> None:
+    """Put the tuning ConfigMap back as it was, and the app with it. Never raises: it runs
+    while another exception may be on its way out, and says what to do by hand."""
+    target = cluster.target
+    cluster.retry_limit_s = min(cluster.retry_limit_s, RESTORE_RETRY_LIMIT_S)
+    restart = deployed.upstream_value != baseline.get(target.upstream_idle_key)
+    try:
+        cluster.patch_data(target.tuning_configmap, baseline)
+        if restart:
+            cluster.restart()
+            deployed.upstream_value = baseline.get(target.upstream_idle_key)
+            if wait:
+                cluster.wait_rollout()
+        say(f"restored the baseline of ConfigMap {target.tuning_configmap}"
+            + (f" and restarted Deployment {target.deployment}" if restart else ""))
+    except KubeError as exc:
+        by_hand = json.dumps({"data": dict(baseline)})
+        say(f"could NOT restore the baseline: {exc}\n  restore it by hand:\n"
+            f"    kubectl -n {target.namespace} patch configmap {target.tuning_configmap} "
+            f"--type merge -p '{by_hand}'"
+            + (f"\n    kubectl -n {target.namespace} rollout restart deployment/"
+               f"{target.deployment}" if restart else "")
+            + f"\n  (a re-run of the Job restores it too: ledger ConfigMap "
+              f"{target.ledger_configmap} keeps it)")
+
+
+def _close_ledger(cluster: Cluster, *, finished: bool, stopped_by: str,
+                  say: Callable[[str], None]) -> None:
+    changes = {"state": "finished", "updated-at": _now()} if finished else {
+        "last-stop": f"{_now()} {stopped_by}"[:1000], "updated-at": _now()}
+    try:
+        cluster.patch_data(cluster.target.ledger_configmap, changes)
+    except KubeError as exc:
+        say(f"could not update the ledger ConfigMap: {exc}")
+
+
+def _write_recommendation(run: ClusterRun, connection: Any, target: ClusterTarget, *,
+                          say: Callable[[str], None]) -> None:
+    from tuner.recommending import build_report
+
+    report = build_report(run.db, margin_s=None, proxy_idle_s=None, upstream_idle_s=None,
+                          target_rate=0.02, experiment_id=run.experiment_id)
+    try:
+        objects = report.configmaps(name=target.recommendation_configmap,
+                                    namespace=target.namespace)
+    except ConfigError as exc:
+        run.recommendation_problem = str(exc)
+        say(f"no recommendation written: {exc}")
+        return
+    run.written = apply_configmaps(connection, objects, dry_run=False)
+    for result in run.written:
+        say(f"{result.action} ConfigMap {result.namespace}/{result.name}")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,214 @@
+"""The cluster side of `tuner experiment --target kubernetes`: every API call and every
+request to a sidecar one trial makes, each bounded in time.
+
+Design decision: an API server that does not answer is waited for, with doubling pauses,
+up to `api_retry_limit_s` (a managed control plane upgrade drops the API for a minute or
+two; an experiment of an hour should survive it); a refusal (403, 404, 422) is not retried,
+it names what was refused. ConfigMap writes are merge patches carrying the resourceVersion
+that was read, so a concurrent writer makes a 409, which is re-read and retried, instead
+of being overwritten unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+from tuner.durations import format_seconds
+from tuner.errors import KubeError, KubeUnreachable, KubeWaitTimeout, SidecarRefused
+from tuner.kube.apply import MAX_CONFLICT_RETRIES, translate_errors
+from tuner.kube.rollout import restart_deployment, sidecar_urls, wait_rollout, wait_sidecars
+from tuner.kube.target import ClusterTarget
+
+T = TypeVar("T")
+
+#: the first pause after the API server did not answer; doubled up to MAX_BACKOFF_S
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 15.0
+
+
+class Cluster:
+    def __init__(self, connection: Any, target: ClusterTarget, *,
+                 say: Callable[[str], None], poll_s: float = 1.0) -> None:
+        from kubernetes import client
+
+        self.core, self.host, self.context = connection
+        self.apps = client.AppsV1Api(self.core.api_client)
+        self.target = target
+        self.say = say
+        self.poll_s = poll_s
+        self.retry_limit_s = target.api_retry_limit_s
+
+    # -- the API, with backoff while it does not answer --------------------------------------
+
+    def call(self, what: str, action: Callable[[], T]) -> T:
+        """Run `action`; while the API server does not answer, pause and retry with
+        doubling pauses until `retry_limit_s` has passed, then give up with the cause."""
+        deadline = time.monotonic() + self.retry_limit_s
+        pause_s = FIRST_BACKOFF_S
+        while True:
+            try:
+                return action()
+            except KubeUnreachable as exc:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise KubeUnreachable(f"{exc} (gave up on {what} after "
+                                          f"{format_seconds(round(self.retry_limit_s))} of "
+                                          "retries: kubernetes.api_retry_limit)") from exc
+                pause_s = min(pause_s, left_s)
+                self.say(f"    the API server does not answer ({what}); retrying in "
+                         f"{pause_s:.1f} s, for up to {left_s:.0f} s more")
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, MAX_BACKOFF_S)
+
+    def _errors(self, verb: str, name: str, *, resource: str = "configmaps",
+                kind: str = "ConfigMap") -> Any:
+        return translate_errors(verb, self.target.namespace, name, self.host, self.context,
+                                resource=resource, kind=kind)
+
+    def read_configmap(self, name: str, *, missing_ok: bool = False) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        def read() -> Any:
+            with self._errors("get", name):
+                try:
+                    return self.core.read_namespaced_config_map(name, self.target.namespace)
+                except ApiException as exc:
+                    if exc.status == 404 and missing_ok:
+                        return None
+                    raise
+        return self.call(f"get ConfigMap {name}", read)
+
+    def read_tuning(self) -> dict[str, str]:
+        """The tuning ConfigMap's data; a missing one names itself and how to create it."""
+        try:
+            found = self.read_configmap(self.target.tuning_configmap)
+        except KubeError as exc:
+            if "does not exist" in str(exc):
+                raise KubeError(f"{exc}; the tuner varies the proxy's and the app's settings "
+                                f"through it: create it (manifests/overlays/demo/"
+                                f"configmaps.yaml has one) or set kubernetes.tuning_configmap"
+                                ) from exc
+            raise
+        return dict(found.data or {})
+
+    def check_deployment(self) -> None:
+        name = self.target.deployment
+        with_hint = "; set kubernetes.deployment to the Deployment of the upstream app"
+        try:
+            self.call(f"get Deployment {name}", lambda: self._read_deployment(name))
+        except KubeError as exc:
+            if "does not exist" in str(exc):
+                raise KubeError(f"{exc}{with_hint}") from exc
+            raise
+
+    def _read_deployment(self, name: str) -> Any:
+        with self._errors("get", name, resource="deployments", kind="Deployment"):
+            return self.apps.read_namespaced_deployment(name, self.target.namespace)
+
+    def patch_data(self, name: str, changes: Mapping[str, str | None], *,
+                   create: bool = False) -> None:
+        """Set (or with None remove) keys of a ConfigMap: a merge patch that carries the
+        resourceVersion read, re-read and retried on a 409."""
+        from kubernetes.client.exceptions import ApiException
+
+        namespace = self.target.namespace
+        for _attempt in range(MAX_CONFLICT_RETRIES):
+            current = self.read_configmap(name, missing_ok=create)
+            if current is None:
+                body = {"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": name, "namespace": namespace,
+                                     "labels": {"app.kubernetes.io/managed-by": "tuner"}},
+                        "data": {k: v for k, v in changes.items() if v is not None}}
+
+                def create_it(body: dict[str, Any] = body) -> bool:
+                    with self._errors("create", name):
+                        try:
+                            self.core.create_namespaced_config_map(namespace, body)
+                        except ApiException as exc:
+                            if exc.status == 409:  # created by someone else meanwhile
+                                return False
+                            raise
+                    return True
+                if self.call(f"create ConfigMap {name}", create_it):
+                    return
+                continue
+            patch = {"metadata": {"resourceVersion": current.metadata.resource_version},
+                     "data": dict(changes)}
+
+            def patch_it(patch: dict[str, Any] = patch) -> bool:
+                with self._errors("patch", name):
+                    try:
+                        self.core.patch_namespaced_config_map(
+                            name, namespace, patch,
+                            _content_type="application/merge-patch+json")
+                    except ApiException as exc:
+                        if exc.status == 409:  # written by someone else since our read
+                            return False
+                        raise
+                return True
+            if self.call(f"patch ConfigMap {name}", patch_it):
+                return
+            self.say(f"    ConfigMap {name} changed under us (409): read again, retrying")
+        raise KubeError(f"ConfigMap {namespace}/{name} kept changing under us: "
+                        f"{MAX_CONFLICT_RETRIES} conflicts (409) in a row; is another tool "
+                        "writing it (a GitOps controller reverting it)? Stop that, then re-run")
+
+    # -- the upstream's Deployment ------------------------------------------------------------
+
+    def restart(self) -> None:
+        self.call(f"restart Deployment {self.target.deployment}", lambda: restart_deployment(
+            self.apps, self.target.namespace, self.target.deployment, host=self.host,
+            context=self.context))
+
+    def wait_rollout(self, *, timeout_s: float | None = None) -> None:
+        """Wait for the Deployment's rollout; KubeWaitTimeout when it does not complete."""
+        self.call(f"rollout status of {self.target.deployment}", lambda: wait_rollout(
+            self.apps, self.target.namespace, self.target.deployment,
+            timeout_s=self.target.rollout_timeout_s if timeout_s is None else timeout_s,
+            host=self.host, context=self.context, poll_s=self.poll_s))
+
+    # -- the sidecars beside the proxy -------------------------------------------------------
+
+    def sidecars(self) -> list[str]:
+        return self.call("list pods", lambda: sidecar_urls(
+            self.core, self.target.namespace, self.target.pod_selector,
+            self.target.sidecar_port, host=self.host, context=self.context))
+
+    def wait_generation(self, urls: list[str], generation: str) -> None:
+        wait_sidecars(urls, generation, timeout_s=self.target.sidecar_timeout_s,
+                      poll_s=min(self.poll_s, 0.5))
+
+
+def sidecar_get(url: str, path: str, *, timeout_s: float = 10.0,
+                **query: object) -> dict[str, Any]:
+    """GET a sidecar's JSON endpoint; KubeWaitTimeout if it cannot be read (the trial that
+    needed it fails, the experiment goes on)."""
+    full = f"{url}{path}" + (f"?{urlencode(query)}" if query else "")
+    try:
+        with urllib.request.urlopen(full, timeout=timeout_s) as answer:
+            document: dict[str, Any] = json.load(answer)
+            return document
+    except urllib.error.HTTPError as exc:
+        try:
+            why = json.load(exc).get("error", exc.reason)
+        except ValueError:
+            why = exc.reason
+        raise SidecarRefused(f"the sidecar at {url} answered {path} with {exc.code}: {why}"
+                             ) from exc
+    except (OSError, ValueError) as exc:
+        raise KubeWaitTimeout(f"could not read {full}: {exc}") from exc
+
+
+def sum_signatures(statuses: list[dict[str, Any]]) -> Counter[str]:
+    """The error-log signatures every sidecar counted since its mark."""
+    total: Counter[str] = Counter()
+    for status in statuses:
+        total.update(status.get("signatures_since") or {})
+    return total
