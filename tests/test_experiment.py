@@ -228,3 +228,18 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     assert f"tuner experiment --db {db} --resume" in stderr
     time.sleep(0.5)
     assert not alive(started)
+
+
+def test_a_service_url_with_a_path_keeps_it_out_of_locusts_host() -> None:
+    # Locust sends no request at all to a --host with a path, even "/" (found with
+    # service_url: http://demo-app.tuner-demo.svc/)
+    from tuner.load.locust_runner import locust_argv
+
+    for url, host, path in [("http://demo-app.tuner-demo.svc/", "http://demo-app.tuner-demo.svc",
+                             "/"),
+                            ("https://shop.example:8443/api/", "https://shop.example:8443",
+                             "/api/"),
+                            ("http://127.0.0.1:8080", "http://127.0.0.1:8080", "/")]:
+        argv = locust_argv(LocustPlan(host_url=url, gaps_s=[1.0]), results_path=Path("r"))
+        assert argv[argv.index("--host") + 1] == host
+        assert argv[argv.index("--tuner-path") + 1] == path

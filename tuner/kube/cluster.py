@@ -188,8 +188,9 @@ class Cluster:
 
 def sidecar_get(url: str, path: str, *, timeout_s: float = 10.0,
                 **query: object) -> dict[str, Any]:
-    """GET a sidecar's JSON endpoint; KubeWaitTimeout if it cannot be read (the trial that
-    needed it fails, the experiment goes on)."""
+    """GET a sidecar's JSON endpoint. KubeWaitTimeout if it cannot be read now (the trial
+    that needed it fails, the experiment goes on); SidecarRefused if it refuses (4xx: set
+    up wrong, every trial would fail the same way)."""
     full = f"{url}{path}" + (f"?{urlencode(query)}" if query else "")
     try:
         with urllib.request.urlopen(full, timeout=timeout_s) as answer:
@@ -200,8 +201,10 @@ def sidecar_get(url: str, path: str, *, timeout_s: float = 10.0,
             why = json.load(exc).get("error", exc.reason)
         except ValueError:
             why = exc.reason
-        raise SidecarRefused(f"the sidecar at {url} answered {path} with {exc.code}: {why}"
-                             ) from exc
+        message = f"the sidecar at {url} answered {path} with {exc.code}: {why}"
+        if exc.code >= 500:  # it could not do it now (the app beside it is down): retry-able
+            raise KubeWaitTimeout(message) from exc
+        raise SidecarRefused(message) from exc
     except (OSError, ValueError) as exc:
         raise KubeWaitTimeout(f"could not read {full}: {exc}") from exc
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tuner.analysis.stopping import StopRule
 from tuner.errors import ConfigError, LoadError
@@ -57,11 +58,16 @@ class LocustPlan:
 def locust_argv(plan: LocustPlan, *, results_path: Path) -> list[str]:
     """The Locust command line for `plan` (pure)."""
     module = resources.files("tuner.load").joinpath("locust_keepalive.py")
+    # Locust sends nothing at all to a --host with a path, even a bare "/" (measured:
+    # http://127.0.0.1:PORT/ gave 0 requests, without the slash 240): the URL's path goes
+    # in front of the request path instead
+    url = urlsplit(plan.host_url)
+    path = url.path.rstrip("/") + plan.path
     argv = [sys.executable, "-m", "locust", "-f", str(module), "--headless",
-            "--host", plan.host_url, "--only-summary", "--loglevel", "WARNING",
+            "--host", f"{url.scheme}://{url.netloc}", "--only-summary", "--loglevel", "WARNING",
             "--tuner-gaps", ",".join(f"{g:.6f}".rstrip("0").rstrip(".") for g in plan.gaps_s),
             "--tuner-burst-size", str(plan.burst_size), "--tuner-methods", plan.methods,
-            "--tuner-path", plan.path, "--tuner-mode", plan.mode,
+            "--tuner-path", path, "--tuner-mode", plan.mode,
             "--tuner-max-seconds", str(plan.max_seconds),
             "--tuner-max-requests", str(plan.max_requests),
             "--tuner-unsafe-after", str(plan.stop.unsafe_after_failures),
