@@ -96,3 +96,49 @@ def test_containerfile_is_slim_and_non_root() -> None:
     assert "FROM python:3.11-slim" in text
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users and users[-1] == "10001"
+
+
+def test_the_demo_spec_names_what_the_manifests_create(demo: list[dict[str, Any]]) -> None:
+    """The Job's spec, the Role, the Deployment, its Service and its sidecar must agree on
+    every name and port, or the Job fails with a 403 or waits for a sidecar that is not
+    there: the spec is parsed as the Job would, then checked against the objects."""
+    from urllib.parse import urlsplit
+
+    from tuner.experiment.spec import parse_spec
+    from tuner.kube.target import cluster_target
+
+    def one(kind: str, name: str) -> dict[str, Any]:
+        (found,) = [d for d in demo if d["kind"] == kind and d["metadata"]["name"] == name]
+        return found
+
+    spec = parse_spec(yaml.safe_load(one("ConfigMap", "tuner-spec")["data"]["spec.yaml"]))
+    target = cluster_target(spec.kubernetes, upstream_idle_s=spec.upstream_idle_s,
+                            proxy_idle_s=spec.proxy_idle_s)
+    tuning = one("ConfigMap", "tuner-tuning")["data"]
+    assert {target.proxy_idle_key, target.upstream_idle_key, target.generation_key} <= set(
+        tuning)
+    rules = one("Role", "tuner")["rules"]
+
+    def allowed(group: str, resource: str, verb: str, name: str | None) -> bool:
+        return any(group in r["apiGroups"] and resource in r["resources"]
+                   and verb in r["verbs"] and (name is None or "resourceNames" not in r
+                                               or name in r["resourceNames"])
+                   for r in rules)
+    for name in (target.tuning_configmap, target.ledger_configmap,
+                 target.recommendation_configmap):
+        assert allowed("", "configmaps", "get", name) and allowed("", "configmaps", "patch",
+                                                                    name), name
+    assert allowed("", "configmaps", "create", None)
+    assert allowed("apps", "deployments", "get", target.deployment)
+    assert allowed("apps", "deployments", "patch", target.deployment)
+    assert allowed("", "pods", "list", None)
+    deployment = one("Deployment", target.deployment)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    key, _, value = target.pod_selector.partition("=")
+    assert labels.get(key) == value
+    service = one("Service", urlsplit(target.service_url).hostname.split(".")[0])
+    assert service["spec"]["selector"].items() <= labels.items()
+    (sidecar,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                  if c["name"] == "tuner-sidecar"]
+    assert {"containerPort": target.sidecar_port, "name": "metrics"} in sidecar["ports"]
+    assert any(a.startswith("--app-url=") for a in sidecar["args"])
