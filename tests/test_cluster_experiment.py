@@ -210,7 +210,9 @@ def test_the_cluster_loop_end_to_end_through_conflicts_and_an_api_outage(
         assert {json.loads(ledger[k])["verdict"] for k in ("trial-000", "trial-001")} == {
             "safe", "unsafe"}
         recommendation = state.configmaps[(NS, "tuner-keepalive")]
-        assert recommendation["data"]["proxy-idle-timeout-seconds"] == "1"
+        # the measured close (about 2 s) less the 1 s margin, rounded down to the grid
+        # of nginx's time syntax: 1s when Node closed at 2.000 s or later, 0.9s just before
+        assert 0.9 <= float(recommendation["data"]["proxy-idle-timeout-seconds"]) <= 1.0
         assert [w["name"] for w in document["written"]] == ["tuner-keepalive"]
 
 
