@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tuner.lab import get_upstream
+from tuner.lab.lab import UpstreamServer
+from tuner.lab.process import ManagedProcess, http_get, is_listening, pick_free_port
+from tuner.sidecar import parse_tuning, render_nginx
+
+TUNER = [sys.executable, "-m", "tuner.cli"]
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -61,3 +74,89 @@ def no_leftover_children() -> Iterator[None]:
     yield
     leftover = alive(descendants(os.getpid()) - before)
     assert not leftover, f"processes left running: {sorted(leftover)}"
+
+
+#: the tuning a pod starts with: nginx's includes are rendered from it before nginx starts
+FIRST_TUNING = {"generation": "1", "upstream-keepalive-timeout": "60",
+                "upstream-keepalive-connections": "128", "keep-alive": "600"}
+
+
+@dataclass
+class Pod:
+    """nginx + Node + `tuner sidecar`, wired as in manifests/overlays/demo."""
+
+    workdir: Path
+    render_dir: Path
+    nginx_url: str
+    sidecar_url: str
+
+    def status(self, since: int | None = None) -> dict[str, object]:
+        query = f"?since={since}" if since is not None else ""
+        document: dict[str, object] = httpx.get(f"{self.sidecar_url}/status{query}").json()
+        return document
+
+    def wait_generation(self, generation: str, timeout_s: float = 10) -> dict[str, object]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status["generation"] == generation:
+                time.sleep(0.3)  # old workers finish their graceful shutdown
+                return status
+            time.sleep(0.1)
+        pytest.fail(f"the sidecar never applied generation {generation}: {self.status()}")
+
+
+@contextmanager
+def start_pod(tmp_path: Path, source_args: Sequence[str]) -> Iterator[Pod]:
+    """Start Node, nginx (including files rendered from FIRST_TUNING) and the sidecar with
+    `source_args` as its tuning source (and any further flags); always stop them."""
+    render = tmp_path / "render"
+    render.mkdir()
+    for name, text in render_nginx(parse_tuning(FIRST_TUNING)).items():
+        (render / name).write_text(text)
+    upstream = UpstreamServer(get_upstream("node"), workdir=tmp_path, port=pick_free_port())
+    upstream.start(1.0)
+    port = pick_free_port()
+    user = "user root root;" if os.geteuid() == 0 else ""
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""{user}
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};
+    access_log off;
+    include {render}/client-keepalive.conf;
+    upstream app {{
+        server 127.0.0.1:{upstream.port};
+        include {render}/upstream-keepalive.conf;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://app; proxy_http_version 1.1;
+                      proxy_set_header Connection ""; }}
+    }}
+}}
+""")
+    nginx_binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx = ManagedProcess([nginx_binary, "-g", "daemon off;", "-c", str(conf),
+                            "-e", str(tmp_path / "error.log")], name="nginx", log_dir=tmp_path)
+    nginx.start()
+    sidecar_port = pick_free_port()
+    sidecar = ManagedProcess(
+        [*TUNER, "sidecar", *source_args, "--render-dir", str(render),
+         "--nginx-pid", str(tmp_path / "nginx.pid"), "--error-log", str(tmp_path / "error.log"),
+         "--nginx-conf", str(conf), "--listen", f"127.0.0.1:{sidecar_port}", "--poll", "100ms",
+         "--app-url", f"http://127.0.0.1:{upstream.port}/"],
+        name="sidecar", log_dir=tmp_path)
+    sidecar.start()
+    try:
+        nginx.wait_ready(lambda: is_listening(port), timeout_s=10, what="listen")
+        sidecar.wait_ready(lambda: http_get(sidecar_port, "/status") is not None, timeout_s=20,
+                           what="serve /status")
+        yield Pod(tmp_path, render, f"http://127.0.0.1:{port}",
+                  f"http://127.0.0.1:{sidecar_port}")
+    finally:
+        sidecar.stop()
+        nginx.stop()
+        upstream.stop()

@@ -3,112 +3,34 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tuner.analysis.signatures import n_races
-from tuner.lab import get_upstream
-from tuner.lab.lab import UpstreamServer
-from tuner.lab.process import ManagedProcess, http_get, is_listening, pick_free_port
 from tuner.load.bursts import BurstPlan, run_bursts, straddling_gaps
 from tuner.probe import parse_target, probe
-from tuner.sidecar import parse_tuning, render_nginx
 
-TUNER = [sys.executable, "-m", "tuner.cli"]
+from .conftest import FIRST_TUNING, Pod, start_pod
 
 
-@dataclass
-class Pod:
-    """nginx + Node + the sidecar, wired as in manifests/overlays/demo."""
-
-    tuning: Path
-    nginx_url: str
-    sidecar_url: str
-
-    def set_tuning(self, **keys: str) -> None:
-        for key, value in keys.items():
-            (self.tuning / key.replace("_", "-")).write_text(value)
-
-    def status(self, since: int | None = None) -> dict[str, object]:
-        query = f"?since={since}" if since is not None else ""
-        document: dict[str, object] = httpx.get(f"{self.sidecar_url}/status{query}").json()
-        return document
-
-    def wait_generation(self, generation: str, timeout_s: float = 10) -> dict[str, object]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = self.status()
-            if status["generation"] == generation:
-                time.sleep(0.3)  # old workers finish their graceful shutdown
-                return status
-            time.sleep(0.1)
-        pytest.fail(f"the sidecar never applied generation {generation}: {self.status()}")
+def set_tuning(pod: Pod, **keys: str) -> None:
+    """Change the mounted ConfigMap, one file per key (underscores become dashes)."""
+    for key, value in keys.items():
+        (pod.workdir / "tuning" / key.replace("_", "-")).write_text(value)
 
 
 @pytest.fixture
 def pod(tmp_path: Path) -> Iterator[Pod]:
-    tuning, render = tmp_path / "tuning", tmp_path / "render"
+    tuning = tmp_path / "tuning"
     tuning.mkdir()
-    render.mkdir()
-    first = {"generation": "1", "upstream-keepalive-timeout": "60",
-             "upstream-keepalive-connections": "128", "keep-alive": "600"}
-    for key, value in first.items():
+    for key, value in FIRST_TUNING.items():
         (tuning / key).write_text(value)
-    for name, text in render_nginx(parse_tuning(first)).items():
-        (render / name).write_text(text)
-    upstream = UpstreamServer(get_upstream("node"), workdir=tmp_path, port=pick_free_port())
-    upstream.start(1.0)
-    port = pick_free_port()
-    user = "user root root;" if os.geteuid() == 0 else ""
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""{user}
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};
-    access_log off;
-    include {render}/client-keepalive.conf;
-    upstream app {{
-        server 127.0.0.1:{upstream.port};
-        include {render}/upstream-keepalive.conf;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; proxy_http_version 1.1;
-                      proxy_set_header Connection ""; }}
-    }}
-}}
-""")
-    nginx_binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    nginx = ManagedProcess([nginx_binary, "-g", "daemon off;", "-c", str(conf),
-                            "-e", str(tmp_path / "error.log")], name="nginx", log_dir=tmp_path)
-    nginx.start()
-    sidecar_port = pick_free_port()
-    sidecar = ManagedProcess(
-        [*TUNER, "sidecar", "--tuning-dir", str(tuning), "--render-dir", str(render),
-         "--nginx-pid", str(tmp_path / "nginx.pid"), "--error-log", str(tmp_path / "error.log"),
-         "--nginx-conf", str(conf), "--listen", f"127.0.0.1:{sidecar_port}", "--poll", "100ms",
-         "--app-url", f"http://127.0.0.1:{upstream.port}/"],
-        name="sidecar", log_dir=tmp_path)
-    sidecar.start()
-    try:
-        nginx.wait_ready(lambda: is_listening(port), timeout_s=10, what="listen")
-        sidecar.wait_ready(lambda: http_get(sidecar_port, "/status") is not None, timeout_s=20,
-                           what="serve /status")
-        yield Pod(tuning, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sidecar_port}")
-    finally:
-        sidecar.stop()
-        nginx.stop()
-        upstream.stop()
+    with start_pod(tmp_path, ["--tuning-dir", str(tuning)]) as started:
+        yield started
 
 
 @pytest.mark.race
@@ -134,13 +56,13 @@ def test_log_counters_match_the_502s_of_a_race_hunting_load(pod: Pod) -> None:
 
 def test_a_changed_tuning_is_rendered_reloaded_and_measurable(pod: Pod) -> None:
     pod.wait_generation("1")
-    pod.set_tuning(keep_alive="1500ms", generation="2")
+    set_tuning(pod, keep_alive="1500ms", generation="2")
     status = pod.wait_generation("2")
     assert status["error"] is None and status["reloads"] == 2
     measured = probe(parse_target(f"{pod.nginx_url}/"), n_samples=3, max_idle_s=10)
     assert measured.idle_close_s is not None and 1.4 < measured.idle_close_s < 1.9
 
-    pod.set_tuning(upstream_keepalive_timeout="forever", generation="3")
+    set_tuning(pod, upstream_keepalive_timeout="forever", generation="3")
     time.sleep(1.0)
     status = pod.status()
     assert status["generation"] == "2"  # the last good tuning stays in force

@@ -302,19 +302,43 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar = commands.add_parser(
         "sidecar", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="beside nginx: apply the tuning ConfigMap, count race signatures, serve metrics",
-        description="Watch the tuning ConfigMap (a directory with one file per key, as\n"
-                    "Kubernetes mounts it: upstream-keepalive-timeout, upstream-keepalive-\n"
-                    "connections, keep-alive, generation), render nginx include files\n"
-                    "(upstream-keepalive.conf inside `upstream {}`, client-keepalive.conf in\n"
-                    "`http {}`), reload nginx with SIGHUP, tail its error log, and serve\n"
-                    "/metrics (Prometheus) and /status (JSON; ?since=OFFSET for counters of\n"
-                    "the log after a mark). An invalid tuning is never applied.",
-        epilog="example (outside Kubernetes, with a local nginx):\n"
+        description="Apply the tuning ConfigMap (keys upstream-keepalive-timeout, upstream-\n"
+                    "keepalive-connections, keep-alive, generation) to the nginx beside it.\n"
+                    "It comes from exactly one of two sources:\n"
+                    "  --tuning-dir DIR      the ConfigMap mounted as a volume (a file per key),\n"
+                    "                        polled; the kubelet updates a mount after 60-90 s\n"
+                    "  --configmap NS/NAME   the ConfigMap watched through the Kubernetes API:\n"
+                    "                        a change arrives in under a second (RBAC: get and\n"
+                    "                        watch on that ConfigMap)\n"
+                    "It renders nginx include files (upstream-keepalive.conf inside\n"
+                    "`upstream {}`, client-keepalive.conf in `http {}`), reloads nginx with\n"
+                    "SIGHUP, tails its error log, and serves /metrics (Prometheus) and /status\n"
+                    "(JSON; ?since=OFFSET for counters of the log after a mark). An invalid\n"
+                    "tuning is never applied, and a source that cannot be read (API down,\n"
+                    "forbidden, ConfigMap missing) keeps the last good one: /status says why.",
+        epilog="examples:\n"
+               "  # outside Kubernetes, with a local nginx and a directory of one file per key\n"
                "  tuner sidecar --tuning-dir ./tuning --render-dir /etc/nginx/tuner \\\n"
                "      --nginx-pid /run/nginx.pid --error-log /var/log/nginx/error.log \\\n"
-               "      --nginx-conf /etc/nginx/nginx.conf --listen 127.0.0.1:9901\n\n"
+               "      --nginx-conf /etc/nginx/nginx.conf --listen 127.0.0.1:9901\n"
+               "  # in the pod (manifests/overlays/demo): watch the ConfigMap through the API\n"
+               "  tuner sidecar --configmap tuner-demo/tuner-tuning \\\n"
+               "      --render-dir /etc/nginx/tuner --nginx-pid /tmp/nginx.pid \\\n"
+               "      --error-log /var/log/nginx/error.log --app-url http://127.0.0.1:3000/\n\n"
                + EXIT_CODES.replace("%", "%%"))
-    sidecar.add_argument("--tuning-dir", required=True, metavar="DIR")
+    source = sidecar.add_argument_group("tuning source (exactly one)")
+    source.add_argument("--tuning-dir", metavar="DIR",
+                        help="the tuning ConfigMap mounted as a directory, read every --poll")
+    source.add_argument("--configmap", metavar="NAMESPACE/NAME",
+                        help="the tuning ConfigMap, watched through the Kubernetes API")
+    sidecar.add_argument("--kubeconfig", metavar="PATH",
+                         help="with --configmap: kubeconfig file (default: $KUBECONFIG, "
+                              "~/.kube/config, or the pod's service account)")
+    sidecar.add_argument("--context", metavar="NAME", help="with --configmap: kubeconfig context")
+    sidecar.add_argument("--watch-timeout", type=_duration("--watch-timeout"), metavar="DURATION",
+                         help="with --configmap: the API server ends each watch after this, and "
+                              "the sidecar re-watches from the last resourceVersion (default "
+                              "60s, at least 1s)")
     sidecar.add_argument("--render-dir", required=True, metavar="DIR")
     sidecar.add_argument("--nginx-pid", required=True, metavar="FILE")
     sidecar.add_argument("--error-log", required=True, metavar="FILE")

@@ -168,8 +168,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         if live:  # first clear the ticker's line
             print("\r\033[K", end="", file=sys.stderr, flush=True)
-        if not args.json:
-            print(line, flush=True)
+        # with --json, stdout holds the one JSON document; progress goes to stderr
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     def tick(line: str) -> None:
         print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
@@ -287,27 +287,55 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from tuner.sidecar import Sidecar, SidecarPaths
+    from tuner.sidecar import Sidecar, SidecarPaths, TuningDir, TuningSource
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT, e.g. 127.0.0.1:9901")
+    if (args.tuning_dir is None) == (args.configmap is None):
+        raise ConfigError("give exactly one tuning source: --tuning-dir DIR (the ConfigMap "
+                          "mounted as a volume) or --configmap NAMESPACE/NAME (watched through "
+                          "the Kubernetes API)")
+    if args.tuning_dir is not None and (args.kubeconfig or args.context
+                                        or args.watch_timeout is not None):
+        raise ConfigError("--kubeconfig, --context and --watch-timeout go with --configmap, "
+                          "not --tuning-dir")
+    if args.watch_timeout is not None and args.watch_timeout < 1:
+        raise ConfigError(f"--watch-timeout {args.watch_timeout:g}s is too short: the API "
+                          "counts a watch's timeout in whole seconds; give 1s or more")
     for flag, value in (("--tuning-dir", args.tuning_dir), ("--render-dir", args.render_dir)):
-        if not Path(value).is_dir():
+        if value is not None and not Path(value).is_dir():
             raise ConfigError(f"{flag} {value} is not a directory")
+    watch = None
+    source: TuningSource
+    if args.configmap is not None:
+        from tuner.kube.apply import connect
+        from tuner.kube.watch import WATCH_TIMEOUT_S, ConfigMapWatch, parse_configmap_ref
+
+        namespace, name = parse_configmap_ref(args.configmap)
+        source = watch = ConfigMapWatch(
+            connect(kubeconfig=args.kubeconfig, context=args.context), namespace, name,
+            timeout_s=args.watch_timeout or WATCH_TIMEOUT_S)
+    else:
+        source = TuningDir(Path(args.tuning_dir))
     sidecar = Sidecar(SidecarPaths(
-        tuning_dir=Path(args.tuning_dir), render_dir=Path(args.render_dir),
+        render_dir=Path(args.render_dir),
         nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
         nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
-        app_url=args.app_url), poll_s=args.poll)
+        app_url=args.app_url), poll_s=args.poll, source=source)
     try:
         server = sidecar.serve(host, int(port))
     except OSError as exc:
         raise ConfigError(f"--listen {args.listen}: {exc.strerror or exc}") from exc
-    print(f"sidecar serving http://{args.listen}/metrics and /status", flush=True)
+    print(f"sidecar serving http://{args.listen}/metrics and /status; tuning from "
+          f"{f'ConfigMap {args.configmap} (watched)' if watch else args.tuning_dir}", flush=True)
     try:
+        if watch is not None:
+            watch.start()
         sidecar.run()
     finally:
+        if watch is not None:
+            watch.stop()
         server.shutdown()
     return 0
 

@@ -1,9 +1,11 @@
 """`tuner sidecar`: beside the proxy, apply the tuning ConfigMap and report what it saw.
 
-It watches a directory holding the tuning ConfigMap (as Kubernetes mounts one: a file per
-key), renders nginx include files from it, reloads nginx with SIGHUP (its pid from the pid
-file; the pod shares its process namespace), tails nginx's error log from a shared volume,
-and serves:
+It reads the tuning ConfigMap from one of two sources: a directory (`--tuning-dir`, as
+Kubernetes mounts a ConfigMap: a file per key, polled), or the Kubernetes API
+(`--configmap NAMESPACE/NAME`, watched by tuner.kube.watch: a change arrives in well under
+a second instead of the kubelet's 60-90 s). It renders nginx include files from it, reloads
+nginx with SIGHUP (its pid from the pid file; the pod shares its process namespace), tails
+nginx's error log from a shared volume, and serves:
   /metrics  Prometheus text: race signatures by kind, the settings in force, the generation
   /status   JSON: the generation applied, the settings, counters since start, and with
             ?since=OFFSET the counters of the log written after that offset
@@ -13,7 +15,9 @@ Outside Kubernetes it works the same against a local nginx with file paths (the 
 
 Design decision: a tuning that fails validation (or that `nginx -t` rejects) is never
 applied; the last good one stays in force and /status shows the error, so a typo in the
-ConfigMap cannot take the proxy down mid-experiment.
+ConfigMap cannot take the proxy down mid-experiment. Likewise a source that cannot be read
+(the API unreachable, forbidden, the ConfigMap missing) keeps the last good tuning in force
+and shows why in /status.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from tuner.analysis.signatures import count_nginx_signatures
@@ -94,11 +98,38 @@ def read_configmap_dir(path: Path) -> dict[str, str]:
             if entry.is_file() and not entry.name.startswith(".")}
 
 
+class TuningSource(Protocol):
+    """Where the tuning ConfigMap's data comes from: `TuningDir`, or
+    tuner.kube.watch.ConfigMapWatch."""
+
+    def read(self) -> dict[str, str] | None:
+        """The ConfigMap's data as last seen; None while it was never read."""
+
+    def problem(self) -> str | None:
+        """Why the data may be stale or missing; None while the source is healthy."""
+
+
+@dataclass(frozen=True)
+class TuningDir:
+    """A mounted ConfigMap, read at every poll."""
+
+    path: Path
+
+    def read(self) -> dict[str, str]:
+        return read_configmap_dir(self.path)
+
+    def problem(self) -> None:
+        return None
+
+
 @dataclass
 class SidecarState:
     applied: Tuning | None = None
     applied_at: float | None = None
+    #: why the newest tuning is not in force (invalid, rejected by nginx, no reload)
     error: str | None = None
+    #: why the tuning source cannot be read (TuningSource.problem)
+    source_error: str | None = None
     n_reloads: int = 0
     signatures: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -108,12 +139,16 @@ class SidecarState:
             document: dict[str, Any] = {
                 "generation": self.applied.generation if self.applied else None,
                 "settings": asdict(self.applied) if self.applied else None,
-                "applied_at": self.applied_at, "error": self.error,
+                "applied_at": self.applied_at, "error": self.describe_error(),
                 "reloads": self.n_reloads, "signatures": dict(self.signatures),
                 "log_offset": log.mark()}
         if since is not None:
             document["signatures_since"] = dict(count_nginx_signatures(log.lines_since(since)))
         return document
+
+    def describe_error(self) -> str | None:
+        """Both problems, the source's first (the caller holds the lock)."""
+        return "; ".join(error for error in (self.source_error, self.error) if error) or None
 
     def metrics(self) -> str:
         with self.lock:
@@ -135,15 +170,15 @@ class SidecarState:
             lines += ["# HELP tuner_reloads_total proxy reloads done by the sidecar",
                       "# TYPE tuner_reloads_total counter",
                       f"tuner_reloads_total {self.n_reloads}",
-                      "# HELP tuner_tuning_error 1 while the tuning ConfigMap is invalid",
+                      "# HELP tuner_tuning_error 1 while the tuning ConfigMap is invalid "
+                      "or cannot be read",
                       "# TYPE tuner_tuning_error gauge",
-                      f"tuner_tuning_error {1 if self.error else 0}"]
+                      f"tuner_tuning_error {1 if self.describe_error() else 0}"]
         return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
 class SidecarPaths:
-    tuning_dir: Path
     render_dir: Path
     nginx_pid: Path
     error_log: Path
@@ -152,10 +187,19 @@ class SidecarPaths:
     nginx_binary: str = "nginx"
     #: the app in the same pod, for /probe (loopback)
     app_url: str | None = None
+    #: the mounted tuning ConfigMap, unless the Sidecar is given another `source`
+    tuning_dir: Path | None = None
 
 
 class Sidecar:
-    def __init__(self, paths: SidecarPaths, *, poll_s: float = 0.5) -> None:
+    def __init__(self, paths: SidecarPaths, *, poll_s: float = 0.5,
+                 source: TuningSource | None = None) -> None:
+        if source is None:
+            if paths.tuning_dir is None:
+                raise ConfigError("the sidecar needs a tuning source: a tuning directory or "
+                                  "a ConfigMap to watch")
+            source = TuningDir(paths.tuning_dir)
+        self.source = source
         self.paths = paths
         self.poll_s = poll_s
         self.state = SidecarState()
@@ -166,10 +210,13 @@ class Sidecar:
 
     def step(self) -> None:
         """One poll: apply a changed tuning, count new error-log lines."""
-        data = read_configmap_dir(self.paths.tuning_dir)
-        if data != self._seen:
+        data = self.source.read()
+        if data is not None and data != self._seen:
             self._seen = data
             self._apply(data)
+        problem = self.source.problem()
+        with self.state.lock:
+            self.state.source_error = problem
         lines, self._log_offset = self.log.read_since(self._log_offset)
         counts = count_nginx_signatures(lines)
         with self.state.lock:
