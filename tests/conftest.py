@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +89,9 @@ class Pod:
     render_dir: Path
     nginx_url: str
     sidecar_url: str
+    #: the app (Node): a test restarts it as a new pod of its Deployment would start
+    app: UpstreamServer
+    sidecar_port: int
 
     def status(self, since: int | None = None) -> dict[str, object]:
         query = f"?since={since}" if since is not None else ""
@@ -107,15 +110,18 @@ class Pod:
 
 
 @contextmanager
-def start_pod(tmp_path: Path, source_args: Sequence[str]) -> Iterator[Pod]:
-    """Start Node, nginx (including files rendered from FIRST_TUNING) and the sidecar with
-    `source_args` as its tuning source (and any further flags); always stop them."""
+def start_pod(tmp_path: Path, source_args: Sequence[str], *,
+              first_tuning: Mapping[str, str] = FIRST_TUNING,
+              app_idle_s: float = 1.0) -> Iterator[Pod]:
+    """Start Node (keepAliveTimeout `app_idle_s`), nginx (including files rendered from
+    `first_tuning`) and the sidecar with `source_args` as its tuning source (and any further
+    flags); always stop them."""
     render = tmp_path / "render"
     render.mkdir()
-    for name, text in render_nginx(parse_tuning(FIRST_TUNING)).items():
+    for name, text in render_nginx(parse_tuning(first_tuning)).items():
         (render / name).write_text(text)
     upstream = UpstreamServer(get_upstream("node"), workdir=tmp_path, port=pick_free_port())
-    upstream.start(1.0)
+    upstream.start(app_idle_s)
     port = pick_free_port()
     user = "user root root;" if os.geteuid() == 0 else ""
     conf = tmp_path / "nginx.conf"
@@ -155,7 +161,7 @@ http {{
         sidecar.wait_ready(lambda: http_get(sidecar_port, "/status") is not None, timeout_s=20,
                            what="serve /status")
         yield Pod(tmp_path, render, f"http://127.0.0.1:{port}",
-                  f"http://127.0.0.1:{sidecar_port}")
+                  f"http://127.0.0.1:{sidecar_port}", upstream, sidecar_port)
     finally:
         sidecar.stop()
         nginx.stop()

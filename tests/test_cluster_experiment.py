@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -22,16 +20,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tuner.lab import get_upstream
-from tuner.lab.lab import UpstreamServer
-from tuner.lab.process import ManagedProcess, http_get, is_listening, pick_free_port
-from tuner.sidecar import parse_tuning, render_nginx
+from tuner.lab.process import http_get
 
+from .conftest import Pod, start_pod
 from .kube_api import KubeState, kube_api
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
@@ -43,95 +38,45 @@ BASELINE = {"upstream-keepalive-timeout": "60", "upstream-keepalive-connections"
 APP_KEY = "app-keep-alive-timeout-ms"
 
 
-@dataclass
-class Pod:
-    app: UpstreamServer
-    nginx_url: str
-    sidecar_port: int
-
-
 @contextlib.contextmanager
 def demo_pod(tmp_path: Path, state: KubeState, kubeconfig: Path) -> Iterator[Pod]:
-    """The demo Deployment's pod, as processes; its Deployment restarts restart the app."""
+    """The demo Deployment's pod, as processes; restarts of its Deployment restart the
+    app with the tuning ConfigMap's app key, as a new pod reads it from its environment."""
     state.namespaces.add(NS)
     state.configmaps[(NS, "tuner-tuning")] = {
         "apiVersion": "v1", "kind": "ConfigMap", "data": dict(BASELINE),
         "metadata": {"name": "tuner-tuning", "namespace": NS,
                      "resourceVersion": state.next_version()}}
     state.add_deployment(NS, "demo-app", replicas=1)
-    render = tmp_path / "render"
-    render.mkdir()
-    for name, text in render_nginx(parse_tuning(BASELINE)).items():
-        (render / name).write_text(text)
-    app = UpstreamServer(get_upstream("node"), workdir=tmp_path, port=pick_free_port())
-    app.start(int(BASELINE[APP_KEY]) / 1000)
-
     # The restart runs on this thread, not the API server's request thread: the lab's
     # processes die with the thread that started them (PR_SET_PDEATHSIG), and a request
     # thread ends with its request.
     restarts: queue.Queue[tuple[float, threading.Event] | None] = queue.Queue()
 
-    def restart_app(namespace: str, name: str) -> None:  # a new pod reads its env
+    def restart_app(namespace: str, name: str) -> None:
         assert (namespace, name) == (NS, "demo-app")
         done = threading.Event()
         restarts.put((int(state.configmaps[(NS, "tuner-tuning")]["data"][APP_KEY]) / 1000,
                       done))
         assert done.wait(timeout=30), "the app did not restart"
-    state.on_restart = restart_app
 
-    def restarter() -> None:
-        while (item := restarts.get()) is not None:
-            app.set_idle(item[0])
-            item[1].set()
-
-    port, sidecar_port = pick_free_port(), pick_free_port()
-    user = "user root root;" if os.geteuid() == 0 else ""
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""{user}
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};
-    access_log off;
-    upstream app {{
-        server 127.0.0.1:{app.port};
-        include {render}/upstream-keepalive.conf;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; proxy_http_version 1.1;
-                      proxy_set_header Connection ""; }}
-    }}
-}}
-""")
-    nginx = ManagedProcess([shutil.which("nginx") or "/usr/sbin/nginx", "-g", "daemon off;",
-                            "-c", str(conf), "-e", str(tmp_path / "error.log")],
-                           name="nginx", log_dir=tmp_path)
-    sidecar = ManagedProcess(
-        [*TUNER, "sidecar", "--configmap", f"{NS}/tuner-tuning", "--kubeconfig",
-         str(kubeconfig), "--render-dir", str(render), "--nginx-pid",
-         str(tmp_path / "nginx.pid"), "--error-log", str(tmp_path / "error.log"),
-         "--nginx-conf", str(conf), "--listen", f"127.0.0.1:{sidecar_port}",
-         "--poll", "100ms", "--app-url", f"http://127.0.0.1:{app.port}/"],
-        name="sidecar", log_dir=tmp_path)
-    thread = threading.Thread(target=restarter)
-    thread.start()
-    try:
-        nginx.start()
-        nginx.wait_ready(lambda: is_listening(port), timeout_s=10, what="listen")
-        sidecar.start()
-        sidecar.wait_ready(lambda: http_get(sidecar_port, "/status") is not None,
-                           timeout_s=20, what="serve /status")
+    with start_pod(tmp_path, ["--configmap", f"{NS}/tuner-tuning", "--kubeconfig",
+                              str(kubeconfig)], first_tuning=BASELINE,
+                   app_idle_s=int(BASELINE[APP_KEY]) / 1000) as pod:
+        def restarter() -> None:
+            while (item := restarts.get()) is not None:
+                pod.app.set_idle(item[0])
+                item[1].set()
+        thread = threading.Thread(target=restarter)
+        thread.start()
+        state.on_restart = restart_app
         state.pods = [{"metadata": {"name": "demo-app-0", "namespace": NS},
                        "status": {"phase": "Running", "podIP": "127.0.0.1"}}]
-        yield Pod(app, f"http://127.0.0.1:{port}/", sidecar_port)
-    finally:
-        restarts.put(None)
-        thread.join(timeout=30)
-        sidecar.stop()
-        nginx.stop()
-        app.stop()
+        try:
+            yield pod
+        finally:
+            restarts.put(None)
+            thread.join(timeout=30)
 
 
 def _spec(tmp_path: Path, pod: Pod) -> Path:
@@ -140,7 +85,7 @@ def _spec(tmp_path: Path, pod: Pod) -> Path:
         "proxy": "nginx", "upstream": "node", "proxy_idle": ["1s", "3s"],
         "upstream_idle": ["1s"], "max_seconds": 30, "unsafe_after": 3, "safe_after": 160,
         "seed": 3,
-        "kubernetes": {"namespace": NS, "service_url": pod.nginx_url,
+        "kubernetes": {"namespace": NS, "service_url": f"{pod.nginx_url}/",
                        "deployment": "demo-app", "sidecar_port": pod.sidecar_port,
                        "rollout_timeout": "10s", "sidecar_timeout": "10s",
                        "api_retry_limit": "20s"}}))

@@ -79,3 +79,8 @@ def test_probe_measures_the_app_beside_it(pod: Pod) -> None:
     assert 1.9 < measured["effective_close_s"] < 2.3
     bad = httpx.get(f"{pod.sidecar_url}/probe?max_idle=forever", timeout=10)
     assert bad.status_code == 400 and "max_idle" in bad.json()["error"]
+    # the app down is the sidecar's gateway failing, not a bad request: 502, and the
+    # cluster runner fails that one trial instead of the experiment
+    pod.app.stop()
+    down = httpx.get(f"{pod.sidecar_url}/probe?samples=1&max_idle=5s", timeout=30)
+    assert down.status_code == 502 and "cannot connect" in down.json()["error"]

@@ -308,7 +308,7 @@ class Sidecar:
 
     def probe_app(self, query: Mapping[str, list[str]]) -> tuple[int, dict[str, Any]]:
         """Measure the app's real idle close time from inside the pod."""
-        from tuner.errors import TunerError
+        from tuner.errors import ProbeError, TunerError
         from tuner.probe import parse_target, probe
 
         if self.paths.app_url is None:
@@ -319,6 +319,8 @@ class Sidecar:
                 (query.get("max_idle") or ["60s"])[0], what="max_idle"))
             result = probe(parse_target(self.paths.app_url), n_samples=samples,
                            max_idle_s=max_idle_s)
+        except ProbeError as exc:  # the app beside us, not the request: a gateway's 502
+            return 502, {"error": str(exc)}
         except (TunerError, ValueError) as exc:
             return 400, {"error": str(exc)}
         document = result.as_json()
