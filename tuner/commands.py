@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuner.durations import format_seconds
-from tuner.errors import ConfigError, KubeError, LabError, LoadError
+from tuner.errors import ConfigError, KubeError, LabError, LoadError, TunerError
 from tuner.lab import Lab
 from tuner.lab.upstreams import upstream_from
 
@@ -174,57 +174,52 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     def tick(line: str) -> None:
         print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
-    resume_hint = (f"the trials finished so far are in {spec.db}; continue with\n"
-                   f"  tuner experiment --db {spec.db} --resume")
+    start: Callable[[], ExperimentRun]
+    errors: tuple[type[TunerError], ...]
     if args.target == "kubernetes":
-        return _cluster_experiment(args, spec, say=say, tick=tick if live else None)
-    try:
-        run = run_experiment(spec, resume=args.resume, say=say, tick=tick if live else None)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {resume_hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (LabError, LoadError) as exc:
-        print(f"error: {exc}\n{resume_hint}", file=sys.stderr)
-        return exc.exit_code
-    if args.json:
-        print(json.dumps(_experiment_document(run), indent=2))
+        from tuner.experiment.cluster_runner import ClusterRun, run_cluster_experiment
+
+        ledger = spec.kubernetes.get("ledger_configmap", "tuner-ledger")
+        hint = (f"the trials finished so far are in {spec.db}, and ledger ConfigMap "
+                f"{ledger} names them: run the same command (or let the Job run again) to "
+                "continue")
+        errors = (LoadError, KubeError)
+
+        def start() -> ExperimentRun:
+            return run_cluster_experiment(spec, kubeconfig=args.kubeconfig,
+                                          context=args.context, say=say,
+                                          tick=tick if live else None)
     else:
-        print(f"\nexperiment {run.experiment_id}: {len(run.trials)} of {run.n_planned} "
-              f"trials in {run.db}\n")
-        print(render_trials([t.record for t in run.trials]))
-    return 0
+        hint = (f"the trials finished so far are in {spec.db}; continue with\n"
+                f"  tuner experiment --db {spec.db} --resume")
+        errors = (LabError, LoadError)
 
-
-def _cluster_experiment(args: argparse.Namespace, spec: ExperimentSpec, *,
-                        say: Callable[[str], None],
-                        tick: Callable[[str], None] | None) -> int:
-    from tuner.experiment.cluster_runner import run_cluster_experiment
-    from tuner.render import render_trials
-
-    ledger = spec.kubernetes.get("ledger_configmap", "tuner-ledger")
-    hint = (f"the trials finished so far are in {spec.db}, and ledger ConfigMap {ledger} "
-            "names them: run the same command (or let the Job run again) to continue")
+        def start() -> ExperimentRun:
+            return run_experiment(spec, resume=args.resume, say=say,
+                                  tick=tick if live else None)
     try:
-        run = run_cluster_experiment(spec, kubeconfig=args.kubeconfig, context=args.context,
-                                     say=say, tick=tick)
+        run = start()
     except KeyboardInterrupt:
         print(f"\ninterrupted: {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (LoadError, KubeError) as exc:
+    except errors as exc:
         print(f"error: {exc}\n{hint}", file=sys.stderr)
         return exc.exit_code
+    cluster = run if args.target == "kubernetes" and isinstance(run, ClusterRun) else None
     if args.json:
         document = _experiment_document(run)
-        document.update(written=[asdict(r) for r in run.written],
-                        recommendation_problem=run.recommendation_problem, notes=run.notes)
+        if cluster is not None:
+            document.update(written=[asdict(r) for r in cluster.written],
+                            recommendation_problem=cluster.recommendation_problem,
+                            notes=cluster.notes)
         print(json.dumps(document, indent=2))
     else:
         print(f"\nexperiment {run.experiment_id}: {len(run.trials)} of {run.n_planned} "
               f"trials in {run.db}\n")
         print(render_trials([t.record for t in run.trials]))
-        for note in run.notes:
+        for note in cluster.notes if cluster else []:
             print(f"note: {note}")
-    return EXIT_INSUFFICIENT if run.recommendation_problem else 0
+    return EXIT_INSUFFICIENT if cluster and cluster.recommendation_problem else 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
