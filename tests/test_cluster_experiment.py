@@ -130,6 +130,7 @@ def test_the_cluster_loop_end_to_end_through_conflicts_and_an_api_outage(
         done = subprocess.run(_argv(tmp_path, kubeconfig, _spec(tmp_path, pod)),
                               capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr
+        assert "the API server does not answer" in done.stderr  # the outage was met
         document = json.loads(done.stdout)
         by_proxy = {t["proxy_idle_s"]: t for t in document["trials"]}
         safe, unsafe = by_proxy[1.0], by_proxy[3.0]
@@ -187,6 +188,12 @@ def test_sigterm_restores_the_baseline_and_a_rerun_resumes(tmp_path: Path) -> No
         assert json.loads(ledger["baseline"]) == {k: v for k, v in BASELINE.items()
                                                   if k != "upstream-keepalive-connections"}
 
+        # as if the restore had failed: the ConfigMap still holds a trial's settings; the
+        # re-run must restore what the ledger recorded, not take these as the baseline
+        with state.lock:
+            state.configmaps[(NS, "tuner-tuning")]["data"].update(
+                {"upstream-keepalive-timeout": "3s", APP_KEY: "1000",
+                 "generation": ledger["experiment-id"] + "-001-0"})
         # the Job runs again: same spec, same volume
         second = subprocess.run(_argv(tmp_path, kubeconfig, spec), capture_output=True,
                                 text=True, timeout=240)

@@ -172,3 +172,14 @@ def test_an_api_server_gone_for_good_stops_with_the_restore_command(tmp_path: Pa
         ledger = state.configmaps[(NS, "tuner-ledger")]["data"]
         assert ledger["state"] == "running"
         assert json.loads(ledger["baseline"]) == BASELINE
+
+
+def test_a_tuning_left_at_a_trial_without_a_ledger_is_refused(tmp_path: Path) -> None:
+    with kube_api(tmp_path) as (state, kubeconfig):
+        _cluster(state)
+        state.configmaps[(NS, "tuner-tuning")]["data"]["generation"] = "0123456789ab-004-1"
+        done = _run(tmp_path, kubeconfig, _spec(tmp_path))
+        assert done.returncode == 2, done.stderr
+        assert "is at generation '0123456789ab-004-1', a trial of an earlier tuner run" \
+            in done.stderr
+        assert (NS, "tuner-ledger") not in state.configmaps  # nothing written

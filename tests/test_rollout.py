@@ -4,6 +4,7 @@ every sidecar to report a generation (real `tuner sidecar` processes on 127.0.0.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,10 +87,22 @@ def test_wait_for_every_sidecar_to_apply_a_generation(tmp_path: Path) -> None:
         sidecar.start()
         sidecars.append(sidecar)
         ports.append(port)
+    # nginx's stand-in: a process that takes SIGHUP (this test is about the waiting, not
+    # about nginx, which test_sidecar.py and the cluster tests run for real)
+    stand_in = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                                 "signal.SIGHUP, signal.SIG_IGN); time.sleep(120)"])
     try:
         for sidecar, port in zip(sidecars, ports, strict=True):
             sidecar.wait_ready(lambda p=port: http_get(p, "/status") is not None,
                                timeout_s=20, what="serve /status")
+        all_urls = [f"http://127.0.0.1:{port}" for port in ports]
+        # no nginx to reload yet: rendered, but not in force, so not applied
+        with pytest.raises(KubeError, match=r"rendered '1' but nginx has not taken it: "
+                                            r"could not signal nginx"):
+            wait_sidecars(all_urls, "1", timeout_s=1)
+        for i in range(2):
+            (tmp_path / f"pod{i}" / "nginx.pid").write_text(str(stand_in.pid))
+            (tmp_path / f"pod{i}" / "tuning" / "generation").write_text("1 ")  # a change
         with kube_api(tmp_path) as (state, kubeconfig):
             state.namespaces.add("shop")
             # the API server answers with pods on 127.0.0.1; one port per sidecar here
@@ -100,7 +113,6 @@ def test_wait_for_every_sidecar_to_apply_a_generation(tmp_path: Path) -> None:
             urls = sidecar_urls(api, "shop", "app=demo-app", ports[0], host=host,
                                 context=context)
             assert urls == [f"http://127.0.0.1:{ports[0]}"] * 2
-        all_urls = [f"http://127.0.0.1:{port}" for port in ports]
         wait_sidecars(all_urls, "1", timeout_s=5)
         (tmp_path / "pod0" / "tuning" / "generation").write_text("2")
         with pytest.raises(KubeError, match=r"1 of 2 sidecars did not apply generation '2'"):
@@ -108,6 +120,8 @@ def test_wait_for_every_sidecar_to_apply_a_generation(tmp_path: Path) -> None:
         (tmp_path / "pod1" / "tuning" / "generation").write_text("2")
         wait_sidecars(all_urls, "2", timeout_s=5)
     finally:
+        stand_in.kill()
+        stand_in.wait()
         for sidecar in sidecars:
             sidecar.stop()
     with pytest.raises(KubeError, match="no running pod matched"):

@@ -131,6 +131,9 @@ class SidecarState:
     #: why the tuning source cannot be read (TuningSource.problem)
     source_error: str | None = None
     n_reloads: int = 0
+    #: False while nginx could not be told (reload failed): the rendering waits on disk, the
+    #: running nginx still has the previous settings, and the generation is not in force
+    in_force: bool = False
     signatures: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,7 +143,8 @@ class SidecarState:
                 "generation": self.applied.generation if self.applied else None,
                 "settings": asdict(self.applied) if self.applied else None,
                 "applied_at": self.applied_at, "error": self.describe_error(),
-                "reloads": self.n_reloads, "signatures": dict(self.signatures),
+                "reloads": self.n_reloads, "in_force": self.in_force,
+                "signatures": dict(self.signatures),
                 "log_offset": log.mark()}
         if since is not None:
             document["signatures_since"] = dict(count_nginx_signatures(log.lines_since(since)))
@@ -248,6 +252,7 @@ class Sidecar:
             self.state.applied, self.state.applied_at = tuning, time.time()
             self.state.error = problem
             self.state.n_reloads += problem is None
+            self.state.in_force = problem is None
 
     def _check(self) -> str | None:
         if self.paths.nginx_conf is None:

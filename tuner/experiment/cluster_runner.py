@@ -28,6 +28,7 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+import re
 import tempfile
 import time
 import uuid
@@ -61,9 +62,10 @@ from tuner.load.locust_runner import run_locust
 from tuner.store import ResultsStore, TrialRecord
 
 #: Kubernetes gives a pod 30 s (the Job sets 60 s) between SIGTERM and SIGKILL: the
-#: restore after an interruption must fit, so it waits for the API this long at most and
-#: does not wait for the rollout it starts
-RESTORE_RETRY_LIMIT_S = 20.0
+#: restore after an interruption or an error must fit, so no API call is retried after
+#: this many seconds (each request is bounded by REQUEST_TIMEOUT), and it does not wait
+#: for the rollout it starts
+RESTORE_WITHIN_S = 20.0
 
 
 @dataclass
@@ -120,13 +122,7 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
         stored = (store.experiment(ledger["experiment-id"])
                   if ledger.get("spec-digest") == digest and ledger.get("experiment-id")
                   else None)
-        if ledger.get("state") == "running" and ledger.get("baseline"):
-            # an earlier run was cut short: what it recorded is the real baseline
-            baseline = json.loads(ledger["baseline"])
-            say(f"the ledger ConfigMap {target.ledger_configmap} shows a run that was cut "
-                "short; its recorded baseline will be restored at the end")
-        else:
-            baseline = {key: tuning.get(key) for key in keys}
+        baseline = _baseline(ledger, tuning, keys, digest=digest, target=target, say=say)
         if stored is not None:
             experiment_id = stored["id"]
             if ledger.get("state") == "finished":
@@ -143,23 +139,60 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
                                  host=f"kubernetes {cluster.host} namespace "
                                       f"{target.namespace}")
         plan = plan_trials(store, experiment_id, spec)
+        if stored is not None and ledger.get("state") == "finished":
+            plan.todo = []  # its invalid trials stay as they are: this is a re-run Job
         say(f"{'resuming ' if stored else ''}experiment {experiment_id} in namespace "
             f"{target.namespace}: {len(plan.order)} trials"
             f"{f', {plan.n_done} already recorded' if stored else ''}, results in {db}")
         stale = {key: None for key in ledger if key.startswith("trial-")} if not stored else {}
+        # "running" until the baseline is back, even with nothing left to run: a run killed
+        # while restoring leaves it so, and the next one restores
         cluster.patch_data(target.ledger_configmap, {
             **stale, "experiment-id": experiment_id, "spec-digest": digest,
-            "state": "running" if plan.todo else "finished",
+            "state": "running" if plan.todo or ledger.get("state") == "running"
+            else "finished",
             "baseline": json.dumps(baseline, sort_keys=True),
             "updated-at": _now()}, create=True)
-        deployed = _Deployed(tuning.get(target.upstream_idle_key))
-        if plan.todo:
+        # Unknown, not the ConfigMap's value: a run cut short between patching the app key
+        # and restarting leaves pods that do not run what the ConfigMap says. The first
+        # trial (and a restore) therefore always restarts.
+        deployed = _Deployed(None)
+        if plan.todo or ledger.get("state") == "running":
             _run_with_restore(cluster, spec, store, experiment_id, plan, baseline=baseline,
                               deployed=deployed, say=say, tick=tick)
         trials = store.trials(experiment_id)
     run = ClusterRun(experiment_id, db, spec, trials, len(plan.order), notes=notes)
-    _write_recommendation(run, connection, target, say=say)
+    _write_recommendation(run, cluster, say=say)
     return run
+
+
+#: the generation the runner writes: experiment id, trial index, attempt
+_OUR_GENERATION = re.compile(r"[0-9a-f]{12}-\d{3}-\d+")
+
+
+def _baseline(ledger: Mapping[str, str], tuning: Mapping[str, str],
+              keys: tuple[str, ...], *, digest: str, target: ClusterTarget,
+              say: Callable[[str], None]) -> dict[str, str | None]:
+    """The settings to restore at the end: what an unfinished run of this same spec
+    recorded, else the tuning ConfigMap as it is now, unless that is itself a trial's."""
+    if ledger.get("state") == "running" and ledger.get("baseline"):
+        if ledger.get("spec-digest") == digest:
+            say(f"the ledger ConfigMap {target.ledger_configmap} shows a run of this spec "
+                "that was cut short; the baseline it recorded will be restored")
+            recorded: dict[str, str | None] = json.loads(ledger["baseline"])
+            return recorded
+        say(f"warning: the ledger ConfigMap {target.ledger_configmap} shows an unfinished "
+            f"run of another spec, whose baseline was {ledger['baseline']}; it is not "
+            "restored (its keys may not be this spec's)")
+    generation = tuning.get(target.generation_key, "")
+    if _OUR_GENERATION.fullmatch(generation.strip()):
+        raise ConfigError(
+            f"ConfigMap {target.namespace}/{target.tuning_configmap} is at generation "
+            f"{generation!r}, a trial of an earlier tuner run that never restored it, and no "
+            f"ledger of this spec says what it was before. Set "
+            f"{', '.join(k for k in keys if k != target.generation_key)} to the values to "
+            f"keep and {target.generation_key} to 0, then run again")
+    return {key: tuning.get(key) for key in keys}
 
 
 def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStore,
@@ -193,14 +226,28 @@ def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStor
             finished = True
         except KeyboardInterrupt as exc:
             stopped_by = f"{exc or 'SIGINT'}"
+            cluster.hard_deadline = time.monotonic() + RESTORE_WITHIN_S
             raise
         except KubeError as exc:
             stopped_by = str(exc)
+            cluster.hard_deadline = time.monotonic() + RESTORE_WITHIN_S
             raise
         finally:
             with held_signals():  # a second SIGTERM must not cut the restore short
-                _restore(cluster, baseline, deployed=deployed, wait=finished, say=say)
-                _close_ledger(cluster, finished=finished, stopped_by=stopped_by, say=say)
+                restored = _restore(cluster, baseline, deployed=deployed, say=say)
+                if not restored:
+                    stopped_by = f"the baseline was not restored ({stopped_by})"
+                _close_ledger(cluster, finished=finished and restored,
+                              stopped_by=stopped_by, say=say)
+    if not restored:
+        raise KubeError(f"the trials are done, but the baseline of ConfigMap "
+                        f"{target.tuning_configmap} was not restored (see above); the ledger "
+                        "keeps it, and the next run restores it")
+    try:  # outside held_signals: this wait may be long, and SIGTERM may end it
+        cluster.wait_rollout()
+    except KubeWaitTimeout as exc:
+        say(f"the baseline is in ConfigMap {target.tuning_configmap}, but the app's rollout "
+            f"did not complete: {exc}")
 
 
 def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
@@ -219,6 +266,7 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
     record["generation"] = generation
     cluster.patch_data(target.tuning_configmap, changes)
     if restart:
+        deployed.upstream_value = None  # unknown until the restart is through
         cluster.restart()
         deployed.upstream_value = upstream_value
     try:
@@ -235,6 +283,7 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
         record.update(upstream_close_s=close_s, upstream_advertised_s=measured.get(
             "advertised_s"), close_kind=measured.get("close_kind"), n_pods=len(urls))
         gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
+        pods_before = cluster.pods()
         marks = {url: int(sidecar_get(url, "/status")["log_offset"]) for url in urls}
     except KubeWaitTimeout as exc:
         raise InvalidTrial(str(exc)) from exc
@@ -254,26 +303,30 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
             problem = (f"the sidecar at {url} moved from generation {generation} to "
                        f"{status.get('generation')!r} during the trial: something else "
                        f"changed ConfigMap {target.tuning_configmap}")
+    pods_after = cluster.pods()
+    if pods_after != pods_before:
+        problem = (f"the pods changed during the trial (before: {sorted(pods_before)}; after: "
+                   f"{sorted(pods_after)}): a new or restarted pod's proxy log is not counted")
     return finish_record(record, spec, gaps_s=gaps_s, results=results,
                          signatures=sum_signatures(statuses), problem=problem)
 
 
 def _restore(cluster: Cluster, baseline: Mapping[str, str | None], *, deployed: _Deployed,
-             wait: bool, say: Callable[[str], None]) -> None:
-    """Put the tuning ConfigMap back as it was, and the app with it. Never raises: it runs
-    while another exception may be on its way out, and says what to do by hand."""
+             say: Callable[[str], None]) -> bool:
+    """Put the tuning ConfigMap back as it was, and restart the app onto it (without
+    waiting: after a SIGTERM there is no time). Never raises: it runs while another
+    exception may be on its way out; it says what to do by hand, and returns False."""
     target = cluster.target
-    cluster.retry_limit_s = min(cluster.retry_limit_s, RESTORE_RETRY_LIMIT_S)
     restart = deployed.upstream_value != baseline.get(target.upstream_idle_key)
     try:
         cluster.patch_data(target.tuning_configmap, baseline)
         if restart:
+            deployed.upstream_value = None  # unknown until the restart is through
             cluster.restart()
             deployed.upstream_value = baseline.get(target.upstream_idle_key)
-            if wait:
-                cluster.wait_rollout()
         say(f"restored the baseline of ConfigMap {target.tuning_configmap}"
             + (f" and restarted Deployment {target.deployment}" if restart else ""))
+        return True
     except KubeError as exc:
         by_hand = json.dumps({"data": dict(baseline)})
         say(f"could NOT restore the baseline: {exc}\n  restore it by hand:\n"
@@ -281,8 +334,9 @@ def _restore(cluster: Cluster, baseline: Mapping[str, str | None], *, deployed: 
             f"--type merge -p '{by_hand}'"
             + (f"\n    kubectl -n {target.namespace} rollout restart deployment/"
                f"{target.deployment}" if restart else "")
-            + f"\n  (a re-run of the Job restores it too: ledger ConfigMap "
-              f"{target.ledger_configmap} keeps it)")
+            + f"\n  (or run the Job again: ledger ConfigMap {target.ledger_configmap} keeps "
+              "the baseline)")
+        return False
 
 
 def _close_ledger(cluster: Cluster, *, finished: bool, stopped_by: str,
@@ -295,10 +349,11 @@ def _close_ledger(cluster: Cluster, *, finished: bool, stopped_by: str,
         say(f"could not update the ledger ConfigMap: {exc}")
 
 
-def _write_recommendation(run: ClusterRun, connection: Any, target: ClusterTarget, *,
+def _write_recommendation(run: ClusterRun, cluster: Cluster, *,
                           say: Callable[[str], None]) -> None:
     from tuner.recommending import build_report
 
+    target = cluster.target
     report = build_report(run.db, margin_s=None, proxy_idle_s=None, upstream_idle_s=None,
                           target_rate=0.02, experiment_id=run.experiment_id)
     try:
@@ -308,9 +363,19 @@ def _write_recommendation(run: ClusterRun, connection: Any, target: ClusterTarge
         run.recommendation_problem = str(exc)
         say(f"no recommendation written: {exc}")
         return
-    run.written = apply_configmaps(connection, objects, dry_run=False)
+    connection = (cluster.core, cluster.host, cluster.context)
+    run.written = cluster.call("write the recommendation", lambda: apply_configmaps(
+        connection, objects, dry_run=False))
     for result in run.written:
         say(f"{result.action} ConfigMap {result.namespace}/{result.name}")
+    # a write_back into the app's key of the tuning ConfigMap reaches the app only when it
+    # starts again: restart it, or the ConfigMap and the running pods disagree
+    if any(o["metadata"]["namespace"] == target.namespace
+           and o["metadata"]["name"] == target.tuning_configmap
+           and target.upstream_idle_key in o["data"] for o in objects[1:]):
+        cluster.restart()
+        say(f"restarted Deployment {target.deployment} onto the recommended "
+            f"{target.upstream_idle_key}")
 
 
 def _now() -> str:

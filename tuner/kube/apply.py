@@ -20,6 +20,11 @@ from typing import Any
 from tuner.errors import KubeError, KubeUnreachable
 
 MAX_CONFLICT_RETRIES = 5
+#: (connect, read) seconds for every API request: the client waits forever by default, and
+#: an API server dropping packets (a control plane upgrade) must end in a retry, not a hang
+REQUEST_TIMEOUT = (5, 30)
+#: answers that mean "not now" (overloaded, upgrading, behind a load balancer): retried
+UNAVAILABLE = (429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,9 @@ def translate_errors(verb: str, namespace: str, name: str, host: str, context: s
                 f"({kind} {name}); grant the tuner's account a Role with verb {verb} on "
                 f"resource {resource} in {namespace!r} (manifests/base/rbac.yaml lists all "
                 f"it needs). Server said: {message}") from exc
+        if exc.status in UNAVAILABLE:
+            raise KubeUnreachable(f"the API server could not {verb} {kind} {namespace}/{name} "
+                                  f"now ({exc.status}): {message}") from exc
         if exc.status == 422:
             raise KubeError(f"the API server rejected {kind} {namespace}/{name}: {message}"
                             ) from exc
@@ -117,7 +125,8 @@ def _apply_one(api: Any, host: str, context: str | None, obj: dict[str, Any], *,
     for _attempt in range(MAX_CONFLICT_RETRIES):
         with translate_errors("get", namespace, name, host, context):
             try:
-                current = api.read_namespaced_config_map(name, namespace)
+                current = api.read_namespaced_config_map(name, namespace,
+                                                         _request_timeout=REQUEST_TIMEOUT)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -129,7 +138,8 @@ def _apply_one(api: Any, host: str, context: str | None, obj: dict[str, Any], *,
                 return ApplyResult(namespace, name, "would create", diff)
             with translate_errors("create", namespace, name, host, context):
                 try:
-                    api.create_namespaced_config_map(namespace, obj)
+                    api.create_namespaced_config_map(namespace, obj,
+                                                     _request_timeout=REQUEST_TIMEOUT)
                 except ApiException as exc:
                     if exc.status == 409:  # created by someone else meanwhile
                         continue
@@ -152,7 +162,8 @@ def _apply_one(api: Any, host: str, context: str | None, obj: dict[str, Any], *,
                              "resourceVersion": current.metadata.resource_version}}
         with translate_errors("update", namespace, name, host, context):
             try:
-                api.replace_namespaced_config_map(name, namespace, body)
+                api.replace_namespaced_config_map(name, namespace, body,
+                                                  _request_timeout=REQUEST_TIMEOUT)
             except ApiException as exc:
                 if exc.status == 409:  # written by someone else since our read
                     continue
@@ -168,7 +179,7 @@ def _require_namespace(api: Any, host: str, context: str | None, namespace: str,
 
     with translate_errors("get", namespace, name, host, context):
         try:
-            api.read_namespace(namespace)
+            api.read_namespace(namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 raise KubeError(f"namespace {namespace!r} does not exist (needed for "

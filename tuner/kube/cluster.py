@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 from tuner.durations import format_seconds
 from tuner.errors import KubeError, KubeUnreachable, KubeWaitTimeout, SidecarRefused
-from tuner.kube.apply import MAX_CONFLICT_RETRIES, translate_errors
+from tuner.kube.apply import MAX_CONFLICT_RETRIES, REQUEST_TIMEOUT, translate_errors
 from tuner.kube.rollout import restart_deployment, sidecar_urls, wait_rollout, wait_sidecars
 from tuner.kube.target import ClusterTarget
 
@@ -44,18 +44,25 @@ class Cluster:
         self.say = say
         self.poll_s = poll_s
         self.retry_limit_s = target.api_retry_limit_s
+        #: time.monotonic() after which no failed call is retried (the restore after a
+        #: SIGTERM must end within the grace period)
+        self.hard_deadline: float | None = None
 
     # -- the API, with backoff while it does not answer --------------------------------------
 
     def call(self, what: str, action: Callable[[], T]) -> T:
         """Run `action`; while the API server does not answer, pause and retry with
         doubling pauses until `retry_limit_s` has passed, then give up with the cause."""
-        deadline = time.monotonic() + self.retry_limit_s
+        deadline: float | None = None  # counted from the first failure
         pause_s = FIRST_BACKOFF_S
         while True:
             try:
                 return action()
             except KubeUnreachable as exc:
+                if deadline is None:
+                    deadline = time.monotonic() + self.retry_limit_s
+                if self.hard_deadline is not None:
+                    deadline = min(deadline, self.hard_deadline)
                 left_s = deadline - time.monotonic()
                 if left_s <= 0:
                     raise KubeUnreachable(f"{exc} (gave up on {what} after "
@@ -78,7 +85,8 @@ class Cluster:
         def read() -> Any:
             with self._errors("get", name):
                 try:
-                    return self.core.read_namespaced_config_map(name, self.target.namespace)
+                    return self.core.read_namespaced_config_map(
+                        name, self.target.namespace, _request_timeout=REQUEST_TIMEOUT)
                 except ApiException as exc:
                     if exc.status == 404 and missing_ok:
                         return None
@@ -110,7 +118,8 @@ class Cluster:
 
     def _read_deployment(self, name: str) -> Any:
         with self._errors("get", name, resource="deployments", kind="Deployment"):
-            return self.apps.read_namespaced_deployment(name, self.target.namespace)
+            return self.apps.read_namespaced_deployment(name, self.target.namespace,
+                                                        _request_timeout=REQUEST_TIMEOUT)
 
     def patch_data(self, name: str, changes: Mapping[str, str | None], *,
                    create: bool = False) -> None:
@@ -130,7 +139,8 @@ class Cluster:
                 def create_it(body: dict[str, Any] = body) -> bool:
                     with self._errors("create", name):
                         try:
-                            self.core.create_namespaced_config_map(namespace, body)
+                            self.core.create_namespaced_config_map(
+                                namespace, body, _request_timeout=REQUEST_TIMEOUT)
                         except ApiException as exc:
                             if exc.status == 409:  # created by someone else meanwhile
                                 return False
@@ -147,7 +157,8 @@ class Cluster:
                     try:
                         self.core.patch_namespaced_config_map(
                             name, namespace, patch,
-                            _content_type="application/merge-patch+json")
+                            _content_type="application/merge-patch+json",
+                            _request_timeout=REQUEST_TIMEOUT)
                     except ApiException as exc:
                         if exc.status == 409:  # written by someone else since our read
                             return False
@@ -169,10 +180,9 @@ class Cluster:
 
     def wait_rollout(self, *, timeout_s: float | None = None) -> None:
         """Wait for the Deployment's rollout; KubeWaitTimeout when it does not complete."""
-        self.call(f"rollout status of {self.target.deployment}", lambda: wait_rollout(
-            self.apps, self.target.namespace, self.target.deployment,
-            timeout_s=self.target.rollout_timeout_s if timeout_s is None else timeout_s,
-            host=self.host, context=self.context, poll_s=self.poll_s))
+        wait_rollout(self.apps, self.target.namespace, self.target.deployment,
+                     timeout_s=self.target.rollout_timeout_s if timeout_s is None else timeout_s,
+                     host=self.host, context=self.context, poll_s=self.poll_s, guard=self.call)
 
     # -- the sidecars beside the proxy -------------------------------------------------------
 
@@ -180,6 +190,20 @@ class Cluster:
         return self.call("list pods", lambda: sidecar_urls(
             self.core, self.target.namespace, self.target.pod_selector,
             self.target.sidecar_port, host=self.host, context=self.context))
+
+    def pods(self) -> frozenset[tuple[str, str, int]]:
+        """(name, uid, container restarts) of the selected pods: a trial whose pods changed
+        during its load (a new replica, a restarted nginx) lost counts it cannot recover."""
+        def list_pods() -> Any:
+            with self._errors("list", self.target.pod_selector, resource="pods", kind="Pods"):
+                return self.core.list_namespaced_pod(
+                    self.target.namespace, label_selector=self.target.pod_selector,
+                    _request_timeout=REQUEST_TIMEOUT).items
+        return frozenset(
+            (pod.metadata.name, pod.metadata.uid or "",
+             sum(c.restart_count or 0 for c in (pod.status.container_statuses or []))
+             if pod.status else 0)
+            for pod in self.call("list pods", list_pods))
 
     def wait_generation(self, urls: list[str], generation: str) -> None:
         wait_sidecars(urls, generation, timeout_s=self.target.sidecar_timeout_s,

@@ -15,11 +15,12 @@ import datetime
 import json
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tuner.errors import KubeError, KubeWaitTimeout
-from tuner.kube.apply import translate_errors
+from tuner.kube.apply import REQUEST_TIMEOUT, translate_errors
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
@@ -63,17 +64,25 @@ def restart_deployment(apps_api: Any, namespace: str, name: str, *, host: str,
     with translate_errors("patch", namespace, name, host, context, resource="deployments",
                     kind="Deployment"):
         apps_api.patch_namespaced_deployment(name, namespace, body,
-                                             _content_type="application/merge-patch+json")
+                                             _content_type="application/merge-patch+json",
+                                             _request_timeout=REQUEST_TIMEOUT)
 
 
 def wait_rollout(apps_api: Any, namespace: str, name: str, *, timeout_s: float, host: str,
-                 context: str | None, poll_s: float = 1.0) -> RolloutState:
-    """Wait until the Deployment's rollout is complete, or raise KubeError at the timeout."""
+                 context: str | None, poll_s: float = 1.0,
+                 guard: Callable[[str, Callable[[], Any]], Any] = lambda _what, read: read()
+                 ) -> RolloutState:
+    """Wait until the Deployment's rollout is complete, or raise KubeWaitTimeout at the
+    timeout. `guard` wraps each read (the runner retries one that got no answer)."""
     deadline = time.monotonic() + timeout_s
-    while True:
+
+    def read() -> Any:
         with translate_errors("get", namespace, name, host, context, resource="deployments",
-                        kind="Deployment"):
-            state = rollout_state(apps_api.read_namespaced_deployment(name, namespace))
+                              kind="Deployment"):
+            return apps_api.read_namespaced_deployment(name, namespace,
+                                                       _request_timeout=REQUEST_TIMEOUT)
+    while True:
+        state = rollout_state(guard(f"rollout status of {name}", read))
         if state.is_complete:
             return state
         if time.monotonic() > deadline:
@@ -88,10 +97,16 @@ def sidecar_urls(core_api: Any, namespace: str, selector: str, port: int, *, hos
     """The sidecar base URLs of the running pods that `selector` picks (pods on their way
     out, with a deletionTimestamp, are left out: they no longer get the Service's load)."""
     with translate_errors("list", namespace, selector, host, context, resource="pods", kind="Pods"):
-        pods = core_api.list_namespaced_pod(namespace, label_selector=selector).items
-    return [f"http://{pod.status.pod_ip}:{port}" for pod in pods
+        pods = core_api.list_namespaced_pod(namespace, label_selector=selector,
+                                            _request_timeout=REQUEST_TIMEOUT).items
+    return [f"http://{_host(pod.status.pod_ip)}:{port}" for pod in pods
             if pod.status is not None and pod.status.phase == "Running" and pod.status.pod_ip
             and pod.metadata.deletion_timestamp is None]
+
+
+def _host(ip: str) -> str:
+    """An IP for a URL: IPv6 pod IPs (IPv6 and dual-stack clusters) need brackets."""
+    return f"[{ip}]" if ":" in ip else ip
 
 
 def wait_sidecars(urls: list[str], generation: str, *, timeout_s: float,
@@ -113,6 +128,9 @@ def wait_sidecars(urls: list[str], generation: str, *, timeout_s: float,
             if status.get("generation") != generation:
                 behind[url] = (f"at generation {status.get('generation')!r}"
                                + (f", error: {status['error']}" if status.get("error") else ""))
+            elif status.get("in_force") is False:  # rendered, but nginx was not reloaded
+                behind[url] = f"rendered {generation!r} but nginx has not taken it: " \
+                              f"{status.get('error')}"
         if not behind:
             return
         if time.monotonic() > deadline:
