@@ -239,7 +239,8 @@ def test_a_service_url_with_a_path_keeps_it_out_of_locusts_host() -> None:
                              "/"),
                             ("https://shop.example:8443/api/", "https://shop.example:8443",
                              "/api/"),
-                            ("http://127.0.0.1:8080", "http://127.0.0.1:8080", "/")]:
+                            ("http://127.0.0.1:8080", "http://127.0.0.1:8080", "/"),
+                            ("http://svc/api?tenant=a", "http://svc", "/api/?tenant=a")]:
         argv = locust_argv(LocustPlan(host_url=url, gaps_s=[1.0]), results_path=Path("r"))
         assert argv[argv.index("--host") + 1] == host
         assert argv[argv.index("--tuner-path") + 1] == path

@@ -44,7 +44,8 @@ EXIT_CODES = """exit codes:
   8    tuner recommend (and experiment --target kubernetes): the data cannot support
        a recommendation (it says what would)
   9    tuner apply, experiment --target kubernetes: the Kubernetes API refused (RBAC,
-       a missing ConfigMap, Deployment or namespace, invalid) or stayed unreachable
+       a missing ConfigMap, Deployment or namespace, invalid) or stayed unreachable;
+       or the baseline settings could not be restored (the ledger keeps them)
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
 
 

@@ -62,7 +62,7 @@ def locust_argv(plan: LocustPlan, *, results_path: Path) -> list[str]:
     # http://127.0.0.1:PORT/ gave 0 requests, without the slash 240): the URL's path goes
     # in front of the request path instead
     url = urlsplit(plan.host_url)
-    path = url.path.rstrip("/") + plan.path
+    path = url.path.rstrip("/") + plan.path + (f"?{url.query}" if url.query else "")
     argv = [sys.executable, "-m", "locust", "-f", str(module), "--headless",
             "--host", f"{url.scheme}://{url.netloc}", "--only-summary", "--loglevel", "WARNING",
             "--tuner-gaps", ",".join(f"{g:.6f}".rstrip("0").rstrip(".") for g in plan.gaps_s),
