@@ -92,7 +92,8 @@ def _versions() -> dict[str, str]:
 
 @dataclass
 class _Deployed:
-    """What the app was last restarted with (or started with, at the beginning)."""
+    """The app setting this run last restarted the Deployment with; None while unknown
+    (before the first restart, and while one is under way)."""
 
     upstream_value: str | None
 
