@@ -44,6 +44,9 @@ class KubeState:
         self.pods: list[dict[str, Any]] = []  # what a pod list returns
         #: until this time.monotonic(), every connection is closed unanswered (unreachable)
         self.down_until = 0.0
+        #: ... and after that, until this many more connections were closed unanswered (so
+        #: an outage is met even when the client happens to make no request during it)
+        self.down_connections = 0
         #: called (under the lock) with (namespace, name) when a Deployment is restarted,
         #: before its rollout status is set: a test starts its "new pods" here
         self.on_restart: Callable[[str, str], None] | None = None
@@ -90,7 +93,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def handle(self) -> None:
-        if time.monotonic() < self.state.down_until:
+        state = self.state
+        if time.monotonic() < state.down_until or state.down_connections > 0:
+            with state.lock:
+                state.down_connections = max(0, state.down_connections - 1)
             self.close_connection = True  # as an API server that is not there
             return
         super().handle()

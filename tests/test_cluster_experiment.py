@@ -124,7 +124,8 @@ def test_the_cluster_loop_end_to_end_through_conflicts_and_an_api_outage(
             demo_pod(tmp_path, state, kubeconfig) as pod:
         state.conflicts = 2  # someone else writes the tuning ConfigMap twice, first
 
-        def outage() -> None:
+        def outage() -> None:  # 3 s, and until the runner has met it
+            state.down_connections = 3
             state.down_until = time.monotonic() + 3
         _when(lambda: "trial-000" in _ledger(state), then=outage)
         done = subprocess.run(_argv(tmp_path, kubeconfig, _spec(tmp_path, pod)),
