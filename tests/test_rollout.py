@@ -16,6 +16,7 @@ from tuner.errors import KubeError
 from tuner.kube.apply import connect
 from tuner.kube.rollout import (
     RESTARTED_AT,
+    list_pods,
     restart_deployment,
     sidecar_urls,
     wait_rollout,
@@ -110,8 +111,8 @@ def test_wait_for_every_sidecar_to_apply_a_generation(tmp_path: Path) -> None:
                            "status": {"phase": "Running", "podIP": "127.0.0.1"}}
                           for i in range(2)]
             api, host, context = connect(kubeconfig=str(kubeconfig), context=None)
-            urls = sidecar_urls(api, "shop", "app=demo-app", ports[0], host=host,
-                                context=context)
+            urls = sidecar_urls(list_pods(api, "shop", "app=demo-app", host=host,
+                                          context=context), ports[0])
             assert urls == [f"http://127.0.0.1:{ports[0]}"] * 2
         wait_sidecars(all_urls, "1", timeout_s=5)
         (tmp_path / "pod0" / "tuning" / "generation").write_text("2")

@@ -56,6 +56,7 @@ from tuner.experiment.trials import (
 )
 from tuner.kube.apply import ApplyResult, apply_configmaps, connect
 from tuner.kube.cluster import Cluster, sidecar_get, sum_signatures
+from tuner.kube.rollout import pod_fingerprint, sidecar_urls
 from tuner.kube.target import ClusterTarget, cluster_target
 from tuner.lab.process import held_signals
 from tuner.load.locust_runner import run_locust
@@ -96,6 +97,12 @@ class _Deployed:
     (before the first restart, and while one is under way)."""
 
     upstream_value: str | None
+
+    def restart(self, cluster: Cluster, upstream_value: str | None) -> None:
+        """Restart the app onto `upstream_value` (already in the ConfigMap)."""
+        self.upstream_value = None  # unknown until the restart is through
+        cluster.restart()
+        self.upstream_value = upstream_value
 
 
 def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
@@ -139,6 +146,7 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
                                  spec=spec.as_dict(), versions=_versions(),
                                  host=f"kubernetes {cluster.host} namespace "
                                       f"{target.namespace}")
+        unfinished = ledger.get("state") == "running"
         plan = plan_trials(store, experiment_id, spec)
         if stored is not None and ledger.get("state") == "finished":
             plan.todo = []  # its invalid trials stay as they are: this is a re-run Job
@@ -150,15 +158,14 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
         # while restoring leaves it so, and the next one restores
         cluster.patch_data(target.ledger_configmap, {
             **stale, "experiment-id": experiment_id, "spec-digest": digest,
-            "state": "running" if plan.todo or ledger.get("state") == "running"
-            else "finished",
+            "state": "running" if plan.todo or unfinished else "finished",
             "baseline": json.dumps(baseline, sort_keys=True),
             "updated-at": _now()}, create=True)
         # Unknown, not the ConfigMap's value: a run cut short between patching the app key
         # and restarting leaves pods that do not run what the ConfigMap says. The first
         # trial (and a restore) therefore always restarts.
         deployed = _Deployed(None)
-        if plan.todo or ledger.get("state") == "running":
+        if plan.todo or unfinished:
             _run_with_restore(cluster, spec, store, experiment_id, plan, baseline=baseline,
                               deployed=deployed, say=say, tick=tick)
         trials = store.trials(experiment_id)
@@ -267,15 +274,12 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
     record["generation"] = generation
     cluster.patch_data(target.tuning_configmap, changes)
     if restart:
-        deployed.upstream_value = None  # unknown until the restart is through
-        cluster.restart()
-        deployed.upstream_value = upstream_value
+        deployed.restart(cluster, upstream_value)
     try:
         cluster.wait_rollout()
-        urls = cluster.sidecars()
-        if not urls:
-            raise KubeWaitTimeout(f"no running pod matches {target.pod_selector!r} in "
-                                  f"namespace {target.namespace}")
+        # one listing gives both the sidecars and what "the pods did not change" compares
+        pods = cluster.list_pods()
+        urls = sidecar_urls(pods, target.sidecar_port)
         cluster.wait_generation(urls, generation)
         max_idle_s = probe_max_idle_s(key.upstream_idle_s)
         measured = sidecar_get(urls[0], "/probe", timeout_s=max_idle_s + 60,
@@ -284,7 +288,6 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
         record.update(upstream_close_s=close_s, upstream_advertised_s=measured.get(
             "advertised_s"), close_kind=measured.get("close_kind"), n_pods=len(urls))
         gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
-        pods_before = cluster.pods()
         marks = {url: int(sidecar_get(url, "/status")["log_offset"]) for url in urls}
     except KubeWaitTimeout as exc:
         raise InvalidTrial(str(exc)) from exc
@@ -304,10 +307,10 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
             problem = (f"the sidecar at {url} moved from generation {generation} to "
                        f"{status.get('generation')!r} during the trial: something else "
                        f"changed ConfigMap {target.tuning_configmap}")
-    pods_after = cluster.pods()
-    if pods_after != pods_before:
-        problem = (f"the pods changed during the trial (before: {sorted(pods_before)}; after: "
-                   f"{sorted(pods_after)}): a new or restarted pod's proxy log is not counted")
+    before, after = pod_fingerprint(pods), pod_fingerprint(cluster.list_pods())
+    if after != before:
+        problem = (f"the pods changed during the trial (before: {sorted(before)}; after: "
+                   f"{sorted(after)}): a new or restarted pod's proxy log is not counted")
     return finish_record(record, spec, gaps_s=gaps_s, results=results,
                          signatures=sum_signatures(statuses), problem=problem)
 
@@ -322,9 +325,7 @@ def _restore(cluster: Cluster, baseline: Mapping[str, str | None], *, deployed: 
     try:
         cluster.patch_data(target.tuning_configmap, baseline)
         if restart:
-            deployed.upstream_value = None  # unknown until the restart is through
-            cluster.restart()
-            deployed.upstream_value = baseline.get(target.upstream_idle_key)
+            deployed.restart(cluster, baseline.get(target.upstream_idle_key))
         say(f"restored the baseline of ConfigMap {target.tuning_configmap}"
             + (f" and restarted Deployment {target.deployment}" if restart else ""))
         return True

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 from tuner.durations import format_seconds
 from tuner.errors import KubeError, KubeUnreachable, KubeWaitTimeout, SidecarRefused
 from tuner.kube.apply import MAX_CONFLICT_RETRIES, REQUEST_TIMEOUT, translate_errors
-from tuner.kube.rollout import restart_deployment, sidecar_urls, wait_rollout, wait_sidecars
+from tuner.kube.rollout import list_pods, restart_deployment, wait_rollout, wait_sidecars
 from tuner.kube.target import ClusterTarget
 
 T = TypeVar("T")
@@ -95,31 +95,32 @@ class Cluster:
 
     def read_tuning(self) -> dict[str, str]:
         """The tuning ConfigMap's data; a missing one names itself and how to create it."""
-        try:
-            found = self.read_configmap(self.target.tuning_configmap)
-        except KubeError as exc:
-            if "does not exist" in str(exc):
-                raise KubeError(f"{exc}; the tuner varies the proxy's and the app's settings "
-                                f"through it: create it (manifests/overlays/demo/"
-                                f"configmaps.yaml has one) or set kubernetes.tuning_configmap"
-                                ) from exc
-            raise
+        found = self.read_configmap(self.target.tuning_configmap, missing_ok=True)
+        if found is None:
+            raise KubeError(f"ConfigMap {self.target.namespace}/{self.target.tuning_configmap} "
+                            "does not exist; the tuner varies the proxy's and the app's "
+                            "settings through it: create it (manifests/overlays/demo/"
+                            "configmaps.yaml has one) or set kubernetes.tuning_configmap")
         return dict(found.data or {})
 
     def check_deployment(self) -> None:
-        name = self.target.deployment
-        with_hint = "; set kubernetes.deployment to the Deployment of the upstream app"
-        try:
-            self.call(f"get Deployment {name}", lambda: self._read_deployment(name))
-        except KubeError as exc:
-            if "does not exist" in str(exc):
-                raise KubeError(f"{exc}{with_hint}") from exc
-            raise
+        from kubernetes.client.exceptions import ApiException
 
-    def _read_deployment(self, name: str) -> Any:
-        with self._errors("get", name, resource="deployments", kind="Deployment"):
-            return self.apps.read_namespaced_deployment(name, self.target.namespace,
-                                                        _request_timeout=REQUEST_TIMEOUT)
+        name = self.target.deployment
+
+        def read() -> bool:
+            with self._errors("get", name, resource="deployments", kind="Deployment"):
+                try:
+                    self.apps.read_namespaced_deployment(name, self.target.namespace,
+                                                         _request_timeout=REQUEST_TIMEOUT)
+                except ApiException as exc:
+                    if exc.status == 404:
+                        return False
+                    raise
+            return True
+        if not self.call(f"get Deployment {name}", read):
+            raise KubeError(f"Deployment {self.target.namespace}/{name} does not exist; set "
+                            "kubernetes.deployment to the Deployment of the upstream app")
 
     def patch_data(self, name: str, changes: Mapping[str, str | None], *,
                    create: bool = False) -> None:
@@ -186,24 +187,10 @@ class Cluster:
 
     # -- the sidecars beside the proxy -------------------------------------------------------
 
-    def sidecars(self) -> list[str]:
-        return self.call("list pods", lambda: sidecar_urls(
-            self.core, self.target.namespace, self.target.pod_selector,
-            self.target.sidecar_port, host=self.host, context=self.context))
-
-    def pods(self) -> frozenset[tuple[str, str, int]]:
-        """(name, uid, container restarts) of the selected pods: a trial whose pods changed
-        during its load (a new replica, a restarted nginx) lost counts it cannot recover."""
-        def list_pods() -> Any:
-            with self._errors("list", self.target.pod_selector, resource="pods", kind="Pods"):
-                return self.core.list_namespaced_pod(
-                    self.target.namespace, label_selector=self.target.pod_selector,
-                    _request_timeout=REQUEST_TIMEOUT).items
-        return frozenset(
-            (pod.metadata.name, pod.metadata.uid or "",
-             sum(c.restart_count or 0 for c in (pod.status.container_statuses or []))
-             if pod.status else 0)
-            for pod in self.call("list pods", list_pods))
+    def list_pods(self) -> list[Any]:
+        return self.call("list pods", lambda: list_pods(
+            self.core, self.target.namespace, self.target.pod_selector, host=self.host,
+            context=self.context))
 
     def wait_generation(self, urls: list[str], generation: str) -> None:
         wait_sidecars(urls, generation, timeout_s=self.target.sidecar_timeout_s,

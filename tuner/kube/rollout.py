@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.errors import KubeError, KubeWaitTimeout
+from tuner.errors import KubeWaitTimeout
 from tuner.kube.apply import REQUEST_TIMEOUT, translate_errors
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
@@ -92,16 +92,31 @@ def wait_rollout(apps_api: Any, namespace: str, name: str, *, timeout_s: float, 
         time.sleep(poll_s)
 
 
-def sidecar_urls(core_api: Any, namespace: str, selector: str, port: int, *, host: str,
-                 context: str | None) -> list[str]:
-    """The sidecar base URLs of the running pods that `selector` picks (pods on their way
-    out, with a deletionTimestamp, are left out: they no longer get the Service's load)."""
+def list_pods(core_api: Any, namespace: str, selector: str, *, host: str,
+              context: str | None) -> list[Any]:
+    """The pods that `selector` picks."""
     with translate_errors("list", namespace, selector, host, context, resource="pods", kind="Pods"):
-        pods = core_api.list_namespaced_pod(namespace, label_selector=selector,
-                                            _request_timeout=REQUEST_TIMEOUT).items
+        pods: list[Any] = core_api.list_namespaced_pod(
+            namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT).items
+    return pods
+
+
+def sidecar_urls(pods: list[Any], port: int) -> list[str]:
+    """The sidecar base URLs of the running pods (pure). Pods on their way out, with a
+    deletionTimestamp, are left out: they no longer get the Service's load."""
     return [f"http://{_host(pod.status.pod_ip)}:{port}" for pod in pods
             if pod.status is not None and pod.status.phase == "Running" and pod.status.pod_ip
             and pod.metadata.deletion_timestamp is None]
+
+
+def pod_fingerprint(pods: list[Any]) -> frozenset[tuple[str, str, int]]:
+    """(name, uid, container restarts) of each pod (pure): a trial whose pods changed
+    during its load (a new replica, a restarted nginx) lost counts it cannot recover."""
+    return frozenset(
+        (pod.metadata.name, pod.metadata.uid or "",
+         sum(c.restart_count or 0 for c in (pod.status.container_statuses or []))
+         if pod.status else 0)
+        for pod in pods)
 
 
 def _host(ip: str) -> str:
@@ -111,9 +126,10 @@ def _host(ip: str) -> str:
 
 def wait_sidecars(urls: list[str], generation: str, *, timeout_s: float,
                   poll_s: float = 0.5) -> None:
-    """Wait until every sidecar reports `generation` as applied, or raise KubeError."""
+    """Wait until every sidecar reports `generation` as applied, or raise KubeWaitTimeout
+    (also at once when there is no sidecar at all: the trial cannot run)."""
     if not urls:
-        raise KubeError("no running pod matched the sidecar selector: is the target "
+        raise KubeWaitTimeout("no running pod matched the sidecar selector: is the target "
                         "Deployment up, and does its label match?")
     deadline = time.monotonic() + timeout_s
     while True:
