@@ -33,7 +33,7 @@ def test_every_answer_is_reported_exactly_once(answers: list[tuple[int, str]],
         if report:
             sent.append(report["counts"])
             assert tally.report() is None  # once only
-    sent.append(tally.flush())
+    sent.append(tally.flush()["counts"])
     total = sum(sum(counts.values()) for report in sent for counts in report.values())
     assert total == len(answers)
 
@@ -70,3 +70,32 @@ def test_hub_declares_safe_only_after_a_full_cycle() -> None:
     # 30 reused requests after burst 1, but only after burst 3 has every gap been tried
     assert [isinstance(d, Stop) for d in decisions[:3]] == [False, False, False]
     assert decisions[3] == Stop("safe")
+
+
+def test_hub_measures_the_spread_and_the_gap_error_over_every_process() -> None:
+    hub = Hub(GAPS, StopRule(unsafe_after_failures=0, safe_after_requests=0))
+    hub.expect(0, frozenset({"w1", "w2"}))
+    hub.expect(1, frozenset({"w1", "w2"}))
+    for sender, first, last in (("w1", 100.000, 100.002), ("w2", 100.001, 100.005)):
+        hub.report(sender, {"index": 0, "first_answer": 100.010, "counts": {FIRST: {"2xx": 2}},
+                            "first_sent": first, "last_sent": last})
+    planned = 100.010 + GAPS[0]
+    for sender, first, last in (("w1", planned + 0.003, planned + 0.004),
+                                ("w2", planned + 0.0015, planned + 0.009)):
+        hub.report(sender, {"index": 1, "first_answer": planned + 0.02,
+                            "counts": {"1.990": {"2xx": 2}}, "idle_ms": {"1990": 1, "1991": 1},
+                            "first_sent": first, "last_sent": last})
+    results = hub.results(mode="bursts", elapsed_s=1.0)
+    assert results["burst_spread_ms"] == [5.0, 7.5]  # across both workers, not per worker
+    assert results["gap_error_ms"] == [1.5]
+    assert results["idle_ms"] == {"1990": 2, "1991": 2}
+
+
+def test_tally_reports_sent_times_and_idle_ages() -> None:
+    tally = BurstTally(GAPS)
+    tally.start(1, n_users=2)
+    assert tally.answered(1, 5.0, "2xx", sent_at=3.001, idle_s=1.9904) is None
+    report = tally.answered(1, 5.1, "502", sent_at=3.004, idle_s=1.9911)
+    assert report is not None
+    assert (report["first_sent"], report["last_sent"]) == (3.001, 3.004)
+    assert report["idle_ms"] == {"1990": 1, "1991": 1}

@@ -15,7 +15,8 @@ import yaml
 from tuner.errors import KubeError
 from tuner.kube.apply import apply_configmaps, connect
 from tuner.recommending import build_report
-from tuner.store import ResultsStore, TrialRecord
+from tuner.store import ResultsStore, StoredTrial
+from tuner.trial import Trial
 
 from .kube_api import kube_api
 
@@ -37,9 +38,9 @@ def _store(tmp_path: Path, *, write_back: dict[str, Any] | None = None,
         for i, trial in enumerate(recorded["trials"]):
             if trial["cell"] in drop_cells:
                 continue
-            record = {k: v for k, v in trial.items() if k != "cell"}
-            store.add_trial(TrialRecord(recorded["experiment_id"], trial["cell"],
-                                        trial["repeat"], float(i), float(i) + 1, record))
+            store.add_trial(StoredTrial(recorded["experiment_id"], trial["cell"],
+                                        trial["repeat"], float(i), float(i) + 1,
+                                        Trial.from_json(trial)))
     return db
 
 
@@ -82,7 +83,7 @@ def test_cli_json_and_configmap(tmp_path: Path) -> None:
         "upstream app { keepalive 32; keepalive_timeout 1000ms; }")
     assert objects[0]["data"]["node-snippet"].startswith("server.keepAliveTimeout = ")
     assert "uvicorn-snippet" not in objects[0]["data"]  # measured on Node, not uvicorn
-    assert "0 failures in" in objects[0]["metadata"]["annotations"][
+    assert "no race in" in objects[0]["metadata"]["annotations"][
         "tuner.keepalive.dev/evidence"]
     assert objects[1]["data"] == {"upstream-keepalive-timeout": "1"}
     # Node: the setting that makes the real close >= 3 s + 1 s margin, measured offset ~1 s

@@ -10,7 +10,8 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from tuner.analysis.intervals import binomial_cdf, clopper_pearson, upper_bound
-from tuner.analysis.recommend import Trial, fit_monotone, recommend, requests_needed
+from tuner.analysis.recommend import fit_monotone, recommend, requests_needed
+from tuner.trial import Trial
 
 
 @st.composite
@@ -45,11 +46,13 @@ def test_known_values() -> None:
 
 
 def _record(proxy_idle_s: float, close_s: float, *, n_reused: int, n_race: int,
-            upstream_idle_s: float = 1.0, verdict: str | None = None) -> dict[str, Any]:
-    return {"proxy_idle_s": proxy_idle_s, "upstream_idle_s": upstream_idle_s,
-            "upstream_close_s": close_s, "n_reused": n_reused,
-            "outcomes": {"2xx": n_reused - n_race, "502": n_race},
-            "verdict": verdict or ("unsafe" if n_race else "safe")}
+            upstream_idle_s: float = 1.0, verdict: str | None = None,
+            outcomes: dict[str, int] | None = None, invalid_reason: str | None = None) -> Trial:
+    return Trial(proxy="nginx", upstream="node", proxy_idle_s=proxy_idle_s,
+                 upstream_idle_s=upstream_idle_s, upstream_close_s=close_s, n_reused=n_reused,
+                 outcomes=outcomes or {"2xx": n_reused - n_race, "502": n_race},
+                 verdict=verdict or ("unsafe" if n_race else "safe"),
+                 invalid_reason=invalid_reason)
 
 
 closes = st.floats(min_value=1.5, max_value=120, allow_nan=False)
@@ -92,8 +95,7 @@ def test_more_race_free_evidence_never_weakens_the_recommendation(a: int, b: int
                           st.integers(min_value=0, max_value=500)), min_size=1, max_size=12))
 def test_the_fit_is_monotone_and_keeps_every_request(points: list[tuple[float, int, int]]
                                                      ) -> None:
-    trials = [Trial(proxy_idle_s=2.0 - m, upstream_idle_s=1.0, upstream_close_s=2.0,
-                    n_reused=n, n_race=min(k, n), n_other_failures=0, verdict="safe")
+    trials = [_record(2.0 - m, 2.0, n_reused=n, n_race=min(k, n), verdict="safe")
               for m, n, k in points]
     assume(all(t.margin_s is not None for t in trials))
     blocks = fit_monotone(trials)
@@ -105,9 +107,9 @@ def test_the_fit_is_monotone_and_keeps_every_request(points: list[tuple[float, i
 
 def test_other_causes_are_not_a_timeout_recommendation() -> None:
     records = [_record(1.0, 2.0, n_reused=300, n_race=0),
-               {**_record(1.5, 2.0, n_reused=100, n_race=0), "outcomes": {"2xx": 90, "504": 10}},
-               {**_record(3.0, 2.0, n_reused=0, n_race=0), "verdict": "invalid",
-                "invalid_reason": "a lab process died during the trial"}]
+               _record(1.5, 2.0, n_reused=100, n_race=0, outcomes={"2xx": 90, "504": 10}),
+               _record(3.0, 2.0, n_reused=0, n_race=0, verdict="invalid",
+                       invalid_reason="a lab process died during the trial")]
     rec = recommend(records, upstream_idle_setting_s=1.0)
     assert rec.status == "ok" and not rec.unsafe
     assert any("invalid trial" in cause for cause in rec.other_causes)

@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import StoreError
-from tuner.store import SCHEMA_VERSION, ResultsStore, TrialRecord
+from tuner.store import SCHEMA_VERSION, ResultsStore, StoredTrial
+from tuner.trial import Trial
+
+TRIAL = Trial(proxy="nginx", upstream="node", proxy_idle_s=60.0, upstream_idle_s=1.0,
+              outcomes={"2xx": 26, "502": 4}, gaps_s=(1.99, 2.0), verdict="unsafe",
+              burst_spread_ms_p95=3.5, n_in_window=12, proxy_lifetime_s=60.002)
 
 
 def test_trials_survive_reopening(tmp_path: Path) -> None:
@@ -14,15 +19,15 @@ def test_trials_survive_reopening(tmp_path: Path) -> None:
     with ResultsStore(path) as store:
         store.add_experiment(experiment_id="e1", created_at=1.0, spec={"proxy": "nginx"},
                              versions={"nginx": "1.22.1"}, host="lab")
-        store.add_trial(TrialRecord("e1", "60s|1s", 0, 2.0, 3.0, {"n_502": 4}))
+        store.add_trial(StoredTrial("e1", "60s|1s", 0, 2.0, 3.0, TRIAL))
     with ResultsStore(path) as store:
         experiment = store.experiment()
         assert experiment is not None and experiment["spec"] == {"proxy": "nginx"}
         [trial] = store.trials("e1")
-        assert trial.record == {"n_502": 4} and trial.cell == "60s|1s"
+        assert trial.trial == TRIAL and trial.trial.n_502 == 4 and trial.cell == "60s|1s"
         with pytest.raises(StoreError,
                            match=r"record trial 60s\|1s repeat 0 attempt 0 .* already recorded"):
-            store.add_trial(TrialRecord("e1", "60s|1s", 0, 2.0, 3.0, {}))  # no duplicates
+            store.add_trial(StoredTrial("e1", "60s|1s", 0, 2.0, 3.0, TRIAL))  # no duplicates
 
 
 def test_a_file_that_is_not_ours(tmp_path: Path) -> None:

@@ -193,8 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                "end, on SIGTERM and on errors; then the recommendation ConfigMap is written.\n"
                "A rollout or sidecar that never gets there fails its trial (invalid), with\n"
                "the reason; an unreachable API server is retried for api_retry_limit.\n\n"
-               "verdicts: unsafe (race failures seen), safe (decisively none), inconclusive\n"
-               "(budget ran out first), invalid (the lab failed: never a keep-alive result)\n\n"
+               "the control: the first trial sets the proxy's idle timeout well above the\n"
+               "upstream's measured close, the same load; it must race. If it does not, the\n"
+               "load cannot show the race on this machine, and no trial is called safe.\n\n"
+               "verdicts: unsafe (a race seen by the client or in the proxy's log, or the\n"
+               "proxy keeps connections at or past the measured close, whatever the count),\n"
+               "safe (no race in 300 reused requests over every gap, tight bursts, and a\n"
+               "control that raced), inconclusive (short of that, with the reason), invalid\n"
+               "(the lab failed: never a keep-alive result)\n\n"
                + EXIT_CODES)
     experiment.add_argument("spec", nargs="?", metavar="SPEC.yaml",
                             help="experiment spec (see tuner/experiment/spec.py for fields)")
@@ -217,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--workers", type=int, metavar="N",
                             help="Locust workers (master/worker mode); 0: one process")
     experiment.add_argument("--seed", type=int, metavar="N")
+    experiment.add_argument("--no-control", dest="control", action="store_false",
+                            default=None,
+                            help="skip the positive control; you give up the proof that the "
+                                 "load can show the race here, and a safe verdict then rests "
+                                 "on the count alone")
     experiment.add_argument("--db", metavar="PATH", help="results store (default results.db)")
     experiment.add_argument("--resume", action="store_true",
                             help="continue the newest experiment in --db, skipping finished "

@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_experiment_document(run), indent=2))
     else:
-        print("\n" + render_trials([t.record for t in run.trials]) + "\n\n" + explain_demo(run))
+        print("\n" + render_trials([t.trial for t in run.trials]) + "\n\n" + explain_demo(run))
     return 0
 
 
@@ -134,7 +134,8 @@ def _experiment_spec(args: argparse.Namespace) -> ExperimentSpec:
              "upstream_idle": args.upstream_idle, "repeats": args.repeats,
              "max_seconds": args.max_seconds, "max_requests": args.max_requests,
              "gaps": args.gaps, "methods": args.methods, "burst_size": args.burst_size,
-             "workers": args.workers, "seed": args.seed, "db": args.db}
+             "workers": args.workers, "seed": args.seed, "db": args.db,
+             "control": args.control}
     if args.upstream_cmd is not None:
         flags["upstream_cmd"] = args.upstream_cmd
     given = {k: v for k, v in flags.items() if v is not None}
@@ -150,7 +151,7 @@ def _experiment_spec(args: argparse.Namespace) -> ExperimentSpec:
 def _experiment_document(run: ExperimentRun) -> dict[str, object]:
     return {"experiment_id": run.experiment_id, "db": str(run.db),
             "n_planned": run.n_planned,
-            "trials": [dict(t.record, cell=t.cell) for t in run.trials]}
+            "trials": [dict(t.trial.to_json(), attempt=t.attempt) for t in run.trials]}
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -216,7 +217,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     else:
         print(f"\nexperiment {run.experiment_id}: {len(run.trials)} of {run.n_planned} "
               f"trials in {run.db}\n")
-        print(render_trials([t.record for t in run.trials]))
+        print(render_trials([t.trial for t in run.trials]))
         for note in cluster.notes if cluster else []:
             print(f"note: {note}")
     return EXIT_INSUFFICIENT if cluster and cluster.recommendation_problem else 0
@@ -225,6 +226,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from tuner.experiment.runner import ExperimentRun
     from tuner.experiment.spec import ExperimentSpec
+    from tuner.experiment.trials import trial_order
     from tuner.render import render_trials
     from tuner.store import ResultsStore
 
@@ -240,8 +242,7 @@ def cmd_results(args: argparse.Namespace) -> int:
                                  f"{', '.join(ids) or 'none'}" if args.experiment_id else ""))
         trials = store.trials(experiment["id"])
     spec = ExperimentSpec.from_stored(experiment["spec"])
-    run = ExperimentRun(experiment["id"], db, spec, trials,
-                        len(spec.cells()) * spec.repeats)
+    run = ExperimentRun(experiment["id"], db, spec, trials, len(trial_order(spec)))
     if args.json:
         document = _experiment_document(run)
         document.update(versions=experiment["versions"], host=experiment["host"],
@@ -251,7 +252,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(f"experiment {run.experiment_id} on {experiment['host']}: {len(trials)} of "
               f"{run.n_planned} trials; versions: "
               + ", ".join(f"{k} {v}" for k, v in sorted(experiment["versions"].items())))
-        print(render_trials([t.record for t in trials]))
+        print(render_trials([t.trial for t in trials]))
     return 0
 
 
@@ -342,7 +343,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = Path(args.output)
     write_report(built, path)
     print(f"wrote {path} ({path.stat().st_size // 1024} KiB): experiment "
-          f"{built.experiment_id}, {len(built.records)} trials")
+          f"{built.experiment_id}, {len(built.trials)} trials")
     return 0
 
 

@@ -39,12 +39,12 @@ def run_demo(*, db: str, say: Callable[[str], None] = print) -> ExperimentRun:
 
 def explain_demo(run: ExperimentRun) -> str:
     """What the table shows, in two sentences, with the measured close time."""
-    closes = [t.record.get("upstream_close_s") for t in run.trials]
+    grid = [stored.trial for stored in run.trials if not stored.trial.control]
+    closes = [t.upstream_close_s for t in grid]
     close_s = min((c for c in closes if c is not None), default=None)
     if close_s is None:
         return "No trial measured Node's close time; see the invalid reasons above."
-    unsafe = sorted(t.record["proxy_idle_s"] for t in run.trials
-                    if t.record["verdict"] == "unsafe")
+    unsafe = sorted(t.proxy_idle_s for t in grid if t.verdict == "unsafe")
     return (f"Node advertised Keep-Alive: timeout=1 but closed idle connections after "
             f"{close_s:.2f} s. Unsafe: nginx idle timeouts "
             f"{', '.join(f'{s:g}s' for s in unsafe) or 'none'} (at or above that). The rule: "

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tuner.durations import format_seconds
 
 if TYPE_CHECKING:
     from tuner.analysis.verdict import Verdict
     from tuner.probe import ProbeResult
+    from tuner.trial import Trial
 
 
 def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
@@ -46,20 +47,36 @@ def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
     return "\n".join(lines)
 
 
-def render_trials(trials: Sequence[Mapping[str, Any]]) -> str:
-    """The table of an experiment's trials, sorted by cell."""
-    header = (f"{'proxy idle':>10}  {'upstream idle':>13}  {'closes at':>9}  {'requests':>8}  "
-              f"{'502':>4}  {'failed':>6}  {'log races':>9}  verdict")
+def _seconds_or_dash(value: float | None, fmt: str = ".3f") -> str:
+    return "-" if value is None else f"{value:{fmt}}s"
+
+
+def render_trials(trials: Sequence[Trial]) -> str:
+    """The table of an experiment's trials (the control first, then by cell), and under it
+    each verdict in words."""
+    header = (f"{'proxy idle':>10}  {'keeps':>7}  {'upstream idle':>13}  {'closes at':>9}  "
+              f"{'margin':>7}  {'requests':>8}  {'502':>4}  {'failed':>6}  {'log races':>9}  "
+              f"{'spread':>6}  {'in window':>9}  verdict")
     rows = [header]
-    for t in sorted(trials, key=lambda t: (t["proxy_idle_s"], t["upstream_idle_s"],
-                                           t.get("repeat", 0))):
-        close = t.get("upstream_close_s")
-        verdict = t["verdict"].upper() if t["verdict"] == "unsafe" else t["verdict"]
-        if t["verdict"] == "invalid":
-            verdict += f" ({t.get('invalid_reason')})"
+    why = []
+    ordered = sorted(trials, key=lambda t: (not t.control, t.proxy_idle_s, t.upstream_idle_s,
+                                            t.repeat))
+    for t in ordered:
+        verdict = t.verdict.upper() if t.verdict == "unsafe" else t.verdict
+        if t.control:
+            verdict += " (control)"
+        spread = ("-" if t.burst_spread_ms_p95 is None
+                  else f"{t.burst_spread_ms_p95:.1f}ms")
+        margin = "-" if t.margin_s is None else f"{t.margin_s:+.2f}s"
+        in_window = "-" if t.n_in_window is None else str(t.n_in_window)
         rows.append(
-            f"{format_seconds(t['proxy_idle_s']):>10}  {format_seconds(t['upstream_idle_s']):>13}"
-            f"  {f'{close:.3f}s' if close is not None else '-':>9}  {t.get('n_requests', 0):>8}"
-            f"  {t.get('n_502', 0):>4}  {t.get('n_failed', 0):>6}  "
-            f"{t.get('n_proxy_log_races', 0):>9}  {verdict}")
-    return "\n".join(rows)
+            f"{format_seconds(t.proxy_idle_s):>10}  {_seconds_or_dash(t.proxy_lifetime_s):>7}"
+            f"  {format_seconds(t.upstream_idle_s):>13}"
+            f"  {_seconds_or_dash(t.upstream_close_s):>9}  {margin:>7}  {t.n_requests:>8}"
+            f"  {t.n_502:>4}  {t.n_failed:>6}  {t.n_proxy_log_races:>9}  {spread:>6}"
+            f"  {in_window:>9}  {verdict}")
+        reason = t.invalid_reason if t.verdict == "invalid" else t.verdict_text
+        if reason:
+            why.append(f"  {'control' if t.control else format_seconds(t.proxy_idle_s)} / "
+                       f"{format_seconds(t.upstream_idle_s)}: {reason}")
+    return "\n".join(rows + (["", *why] if why else []))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tuner.analysis.recommend import Recommendation, Trial
+from tuner.analysis.recommend import Recommendation
 from tuner.durations import format_seconds
-from tuner.recommending import RecommendationReport, render_report
+from tuner.recommending import RecommendationReport, render_answer, render_report
+from tuner.trial import Trial
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -39,7 +40,7 @@ def _svg(figure: Any) -> str:
 def _pooled_rates(trials: Sequence[Trial]) -> dict[tuple[float, float], tuple[int, int]]:
     cells: dict[tuple[float, float], tuple[int, int]] = {}
     for t in trials:
-        if t.verdict == "invalid":
+        if t.verdict == "invalid" or t.control:
             continue
         k, n = cells.get((t.proxy_idle_s, t.upstream_idle_s), (0, 0))
         cells[(t.proxy_idle_s, t.upstream_idle_s)] = (k + t.n_race, n + t.n_reused)
@@ -122,56 +123,71 @@ def gaps_svg(rec: Recommendation) -> str:
     return svg
 
 
-def _trial_table(records: Sequence[Mapping[str, Any]]) -> str:
-    head = ("<tr><th>proxy idle</th><th>upstream idle</th><th>advertised</th>"
-            "<th>measured close</th><th>close</th><th>requests</th><th>502</th>"
-            "<th>failed</th><th>log races</th><th>verdict</th></tr>")
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _trial_table(trials: Sequence[Trial]) -> str:
+    head = ("<tr><th>proxy idle</th><th>proxy keeps</th><th>upstream idle</th>"
+            "<th>advertised</th><th>measured close</th><th>close</th><th>margin</th>"
+            "<th>requests</th><th>502</th><th>failed</th><th>log races</th>"
+            "<th>burst spread p95</th><th>gap error p95</th><th>in window</th>"
+            "<th>verdict</th></tr>")
     rows = []
-    for r in sorted(records, key=lambda r: (r["proxy_idle_s"], r["upstream_idle_s"],
-                                            r.get("repeat", 0))):
-        close = r.get("upstream_close_s")
-        advertised = r.get("upstream_advertised_s")
-        verdict = html.escape(r["verdict"] + (f": {r['invalid_reason']}"
-                                              if r["verdict"] == "invalid" else ""))
+    for t in sorted(trials, key=lambda t: (not t.control, t.proxy_idle_s, t.upstream_idle_s,
+                                           t.repeat)):
+        why = t.invalid_reason if t.verdict == "invalid" else t.verdict_text
+        verdict = html.escape(t.verdict + (" (control)" if t.control else "")
+                              + (f": {why}" if why else ""))
         rows.append(
-            f"<tr><td>{format_seconds(r['proxy_idle_s'])}</td>"
-            f"<td>{format_seconds(r['upstream_idle_s'])}</td>"
-            f"<td>{'-' if advertised is None else f'{advertised:g} s'}</td>"
-            f"<td>{'-' if close is None else f'{close:.3f} s'}</td>"
-            f"<td>{html.escape(str(r.get('close_kind', '-')))}</td>"
-            f"<td>{r.get('n_requests', 0)}</td><td>{r.get('n_502', 0)}</td>"
-            f"<td>{r.get('n_failed', 0)}</td><td>{r.get('n_proxy_log_races', 0)}</td>"
-            f"<td class=\"{html.escape(r['verdict'])}\">{verdict}</td></tr>")
+            f"<tr><td>{format_seconds(t.proxy_idle_s)}</td>"
+            f"<td>{_cell(t.proxy_lifetime_s, '.3f')} s</td>"
+            f"<td>{format_seconds(t.upstream_idle_s)}</td>"
+            f"<td>{_cell(t.upstream_advertised_s, 'g')} s</td>"
+            f"<td>{_cell(t.upstream_close_s, '.3f')} s</td>"
+            f"<td>{html.escape(str(t.close_kind or '-'))}</td>"
+            f"<td>{_cell(t.margin_s, '+.2f')} s</td>"
+            f"<td>{t.n_requests}</td><td>{t.n_502}</td>"
+            f"<td>{t.n_failed}</td><td>{t.n_proxy_log_races}</td>"
+            f"<td>{_cell(t.burst_spread_ms_p95, '.1f')} ms</td>"
+            f"<td>{_cell(t.gap_error_ms_p95, '.1f')} ms</td>"
+            f"<td>{_cell(t.n_in_window, 'd')}</td>"
+            f"<td class=\"{html.escape(t.verdict)}\" style=\"text-align:left\">{verdict}</td>"
+            "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
 def render_html(report: RecommendationReport) -> str:
-    records, versions, host = report.records, report.versions, report.host
-    trials = [Trial.from_record(r) for r in records]
+    trials, versions, host = report.trials, report.versions, report.host
     primary = report.primary
-    here = [t for t in trials if abs(t.upstream_idle_s - primary.upstream_idle_setting_s) < 1e-9]
+    here = [t for t in trials if abs(t.upstream_idle_s - primary.upstream_idle_setting_s) < 1e-9
+            and not t.control]
     spec = report.spec
-    title = f"Keep-alive experiment {report.experiment_id}: {spec.proxy} -> {spec.upstream}"
+    title = f"Keep-alive experiment {report.experiment_id}: {spec.proxy} -> {report.upstream}"
     versions_text = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
     gaps = (f"<div class=\"figure\">{gaps_svg(primary)}</div>" if primary.gaps
             else "<p>No trial failed: no gap to show.</p>")
+    answer = "\n".join(render_answer(report))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Host {html.escape(host)}; {html.escape(versions_text)}.</p>
-<h2>Recommendation</h2>
-<pre>{html.escape(render_report(report))}</pre>
+<h2 id="answer">What to set</h2>
+<pre class="answer">{html.escape(answer)}</pre>
+<h2>Trials, measured</h2>
+{_trial_table(trials)}
 <h2>Race failure rate by proxy idle x upstream idle</h2>
 <div class="figure">{heatmap_svg(trials)}</div>
 <h2>Failure rate against the margin (upstream idle setting
 {html.escape(format_seconds(primary.upstream_idle_setting_s))})</h2>
-<p>Dots: trials with exact 95 % intervals; bars: the monotone fit.</p>
+<p>Dots: trials with exact 95 % intervals; bars: the monotone fit. The margin is the
+upstream's measured close minus what the proxy really keeps (its measured idle lifetime).</p>
 <div class="figure">{margin_svg(here, primary)}</div>
 <h2>Which idle gaps produced the failures</h2>
 {gaps}
-<h2>Trials and probe results</h2>
-{_trial_table(records)}
+<h2>The whole recommendation</h2>
+<pre>{html.escape(render_report(report))}</pre>
+<p>Host {html.escape(host)}; {html.escape(versions_text)}.</p>
 </body></html>
 """
 

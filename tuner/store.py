@@ -16,12 +16,13 @@ import json
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuner import __version__
 from tuner.errors import StoreError
+from tuner.trial import Trial
 
 #: "tunr" as a 32-bit integer: marks the file as a tuner results store
 APPLICATION_ID = 0x74756E72
@@ -50,15 +51,15 @@ CREATE TABLE trials (
 
 
 @dataclass(frozen=True)
-class TrialRecord:
-    """One finished trial as stored. `record` holds the measured fields (see experiment)."""
+class StoredTrial:
+    """One finished trial as stored: where it sits in its experiment, and the trial."""
 
     experiment_id: str
     cell: str
     repeat: int
     started_at: float
     finished_at: float
-    record: Mapping[str, Any] = field(default_factory=dict)
+    trial: Trial
     #: 0, or how many earlier attempts of this trial were invalid (re-run on --resume)
     attempt: int = 0
 
@@ -152,21 +153,29 @@ class ResultsStore:
         return {"id": row[0], "created_at": row[1], "spec": json.loads(row[2]),
                 "versions": json.loads(row[3]), "host": row[4]}
 
-    def add_trial(self, trial: TrialRecord) -> None:
+    def add_trial(self, stored: StoredTrial) -> None:
         """Write one finished trial in its own transaction."""
-        what = f"record trial {trial.cell} repeat {trial.repeat} attempt {trial.attempt}"
+        what = f"record trial {stored.cell} repeat {stored.repeat} attempt {stored.attempt}"
         with self._transaction(what) as db:
             db.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (trial.experiment_id, trial.cell, trial.repeat, trial.attempt,
-                        trial.started_at, trial.finished_at,
-                        json.dumps(trial.record, sort_keys=True)))
+                       (stored.experiment_id, stored.cell, stored.repeat, stored.attempt,
+                        stored.started_at, stored.finished_at,
+                        json.dumps(stored.trial.to_json(), sort_keys=True)))
 
-    def trials(self, experiment_id: str) -> list[TrialRecord]:
+    def trials(self, experiment_id: str) -> list[StoredTrial]:
         rows = self._db.execute(
             "SELECT experiment_id, cell, repeat, started_at, finished_at, record_json, attempt "
             "FROM trials WHERE experiment_id = ? ORDER BY started_at", (experiment_id,))
-        return [TrialRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
-                for r in rows]
+        stored = []
+        for r in rows:
+            try:
+                trial = Trial.from_json(json.loads(r[5]))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StoreError(f"{self.path}: trial {r[1]} repeat {r[2]} of experiment "
+                                 f"{r[0]} cannot be read ({exc}); the file was changed by "
+                                 "another program") from None
+            stored.append(StoredTrial(r[0], r[1], r[2], r[3], r[4], trial, r[6]))
+        return stored
 
     def experiment_ids(self) -> list[str]:
         return [r[0] for r in self._db.execute(

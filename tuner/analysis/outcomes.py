@@ -24,6 +24,9 @@ class Outcome(StrEnum):
 
 
 FAILURES = frozenset(Outcome) - {Outcome.OK}
+#: the outcomes that follow the keep-alive race: 502 (nginx), 503 (Envoy), a reset or empty
+#: reply (HAProxy's silent close); 504s, timeouts and refused connections have other causes
+RACE_OUTCOMES = frozenset({Outcome.BAD_GATEWAY, Outcome.UNAVAILABLE, Outcome.RESET})
 
 
 def outcome_of_status(status: int) -> Outcome:

@@ -26,19 +26,19 @@ are reported as another cause, never turned into a timeout.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.analysis.intervals import clopper_pearson, upper_bound
-from tuner.analysis.outcomes import Outcome
-from tuner.analysis.stopping import RACE_OUTCOMES
+from tuner.analysis.judge import MAX_BURST_SPREAD_MS, Control
+from tuner.analysis.outcomes import RACE_OUTCOMES
 from tuner.analysis.verdict import default_margin_s, largest_safe_proxy_idle_s
+from tuner.trial import Trial
 
 #: the failure rate the evidence must bound from above (95 %) for a recommendation
 DEFAULT_TARGET_RATE = 0.02
 CONFIDENCE = 0.95
-_NON_RACE = frozenset(Outcome) - RACE_OUTCOMES - {Outcome.OK}
 
 MITIGATIONS = [
     {"proxy": "nginx", "setting": "proxy_next_upstream error timeout non_idempotent;",
@@ -50,41 +50,6 @@ MITIGATIONS = [
      "effect": "avoids the race by never reusing a connection, at the cost of a new "
                "connection per request"},
 ]
-
-
-@dataclass(frozen=True)
-class Trial:
-    """The fields of a stored trial that the analysis needs."""
-
-    proxy_idle_s: float
-    upstream_idle_s: float
-    upstream_close_s: float | None
-    n_reused: int
-    n_race: int
-    n_other_failures: int
-    verdict: str
-    invalid_reason: str | None = None
-    by_gap: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
-
-    @property
-    def margin_s(self) -> float | None:
-        if self.upstream_close_s is None:
-            return None
-        return self.upstream_close_s - self.proxy_idle_s
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Trial:
-        outcomes: Mapping[str, int] = record.get("outcomes", {})
-        return cls(
-            proxy_idle_s=float(record["proxy_idle_s"]),
-            upstream_idle_s=float(record["upstream_idle_s"]),
-            upstream_close_s=record.get("upstream_close_s"),
-            n_reused=int(record.get("n_reused", 0)),
-            n_race=sum(n for kind, n in outcomes.items() if kind in RACE_OUTCOMES),
-            n_other_failures=sum(n for kind, n in outcomes.items() if kind in _NON_RACE),
-            verdict=str(record.get("verdict", "invalid")),
-            invalid_reason=record.get("invalid_reason"),
-            by_gap=record.get("by_gap", {}))
 
 
 @dataclass(frozen=True)
@@ -157,12 +122,13 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Recommendation:
-    #: "ok", or "insufficient" when the data cannot support one
+    #: "ok"; "insufficient" when the data cannot support one; "no_control" when the
+    #: experiment's control did not race, so no count of this load proves anything safe
     status: str
     upstream_idle_setting_s: float
     upstream_close_s: float | None
     margin_s: float
-    #: the largest safe proxy idle timeout for the upstream as measured
+    #: the largest safe proxy idle *setting* for the upstream as measured
     proxy_idle_s: float | None
     #: the proxy idle timeout to protect, and the smallest upstream setting that does
     configured_proxy_idle_s: float
@@ -175,24 +141,46 @@ class Recommendation:
     model: list[MarginBlock]
     gaps: list[GapRow] = field(default_factory=list)
     alternatives: list[dict[str, str]] = field(default_factory=lambda: list(MITIGATIONS))
+    #: the longest the proxy kept an idle connection, as a multiple of its setting (1.0
+    #: when not measured): HAProxy's pool-purge-delay is not a lifetime
+    proxy_lifetime_ratio: float = 1.0
+    #: which side can actually bound the idle lifetime, when the proxy's cannot closely
+    bound_note: str | None = None
+    #: what the experiment's positive control showed
+    control: str | None = None
+    #: races the proxy saw and hid from the client with retries, over these trials
+    n_hidden_races: int = 0
+
+
+#: beyond this lifetime-to-setting ratio the proxy's knob is too coarse to aim with
+_COARSE_RATIO = 1.5
+
+
+def is_evidence(trial: Trial) -> bool:
+    """Can this trial's zero count bound the failure rate? Only if it ran, saw no race at a
+    positive margin (at or past the close no count means safe), is not the control, and
+    the load's bursts were tight enough to hit the window."""
+    return (trial.is_valid and not trial.control and trial.n_race == 0
+            and trial.margin_s is not None and trial.margin_s > 0
+            and (trial.burst_spread_ms_p95 is None
+                 or trial.burst_spread_ms_p95 <= MAX_BURST_SPREAD_MS))
 
 
 def _evidence(trials: Sequence[Trial], proxy_idle_s: float) -> Evidence | None:
     """Pool the race-free trials of one upstream setting whose proxy idle timeout is at
     least `proxy_idle_s` (so a margin at most the recommended one) and below every setting
-    that failed: by monotonicity, each bounds the failure rate at `proxy_idle_s`."""
-    valid = [t for t in trials if t.verdict != "invalid" and t.margin_s is not None]
+    that raced: by monotonicity, each bounds the failure rate at `proxy_idle_s`."""
+    valid = [t for t in trials if t.is_valid and t.margin_s is not None]
     failing_from = min((t.proxy_idle_s for t in valid if t.n_race > 0), default=math.inf)
-    pooled = [t for t in valid if t.n_race == 0
+    pooled = [t for t in valid if is_evidence(t)
               and proxy_idle_s - 1e-9 <= t.proxy_idle_s < failing_from]
     n = sum(t.n_reused for t in pooled)
     if n == 0:
         return None
     margins = [t.margin_s for t in pooled if t.margin_s is not None]
     bound = upper_bound(0, n, CONFIDENCE)
-    text = (f"0 failures in {n} reused-after-gap requests at margins "
-            f"{min(margins):.2f}-{max(margins):.2f} s; 95 % upper bound on the failure rate "
-            f"{bound:.2%}")
+    text = (f"no race in {n} reused requests at margins "
+            f"{min(margins):.2f}-{max(margins):.2f} s; rate < {bound:.2%} (95 %)")
     return Evidence(0, n, bound, min(margins), max(margins), text)
 
 
@@ -201,48 +189,91 @@ def requests_needed(target_rate: float, confidence: float = CONFIDENCE) -> int:
     return math.ceil(math.log(1 / (1 - confidence)) / target_rate)
 
 
-def recommend(records: Iterable[Mapping[str, Any]], *, upstream_idle_setting_s: float,
+#: HAProxy 2.6's idle server connections lived up to 6x its pool-purge-delay in the lab
+#: (tuner.lab.lifetime, 16 connections at 500 ms and 1 s): assumed when not measured
+HAPROXY_LIFETIME_RATIO = 6.0
+
+
+def lifetime_ratio(trials: Iterable[Trial]) -> float:
+    """The largest measured lifetime-to-setting ratio of the proxy; when none was measured,
+    1.0, or HAProxy's measured 6.0 (its setting is not a lifetime)."""
+    trials = list(trials)
+    ratios = [t.proxy_lifetime_s / t.proxy_idle_s for t in trials
+              if t.proxy_lifetime_s is not None and t.proxy_idle_s > 0 and not t.control]
+    if not ratios and any(t.proxy == "haproxy" for t in trials):
+        return HAPROXY_LIFETIME_RATIO
+    return max([1.0, *ratios])
+
+
+def recommend(trials: Iterable[Trial], *, upstream_idle_setting_s: float,
               margin_s: float | None = None, configured_proxy_idle_s: float | None = None,
-              whole_seconds: bool = False, target_rate: float = DEFAULT_TARGET_RATE
-              ) -> Recommendation:
+              whole_seconds: bool = False, target_rate: float = DEFAULT_TARGET_RATE,
+              control: Control | None = None) -> Recommendation:
     """The recommendation for one upstream setting of the experiment."""
-    trials = [Trial.from_record(r) for r in records]
-    here = [t for t in trials if math.isclose(t.upstream_idle_s, upstream_idle_setting_s)]
-    valid = [t for t in here if t.verdict != "invalid"]
+    every = list(trials)
+    here = [t for t in every if math.isclose(t.upstream_idle_s, upstream_idle_setting_s)
+            and not t.control]
+    valid = [t for t in here if t.is_valid]
     closes = [t.upstream_close_s for t in valid if t.upstream_close_s is not None]
     close_s = min(closes) if closes else None
     margin = default_margin_s(close_s or 0.0) if margin_s is None else margin_s
     protect_s = configured_proxy_idle_s or max((t.proxy_idle_s for t in here), default=60.0)
     other = [f"proxy idle {t.proxy_idle_s:g}s: invalid trial ({t.invalid_reason})"
-             for t in here if t.verdict == "invalid"]
+             for t in here if not t.is_valid]
     other += [f"proxy idle {t.proxy_idle_s:g}s: {t.n_other_failures} failures that do not "
               "follow the timeouts (504, timeouts, refused connections)"
               for t in valid if t.n_other_failures]
-    unsafe = []
+    unsafe: list[dict[str, Any]] = []
     for t in valid:
         if t.n_race:
             low, high = clopper_pearson(t.n_race, max(t.n_reused, t.n_race), CONFIDENCE)
             unsafe.append({"proxy_idle_s": t.proxy_idle_s, "upstream_close_s": t.upstream_close_s,
-                           "n_race": t.n_race, "n_reused": t.n_reused,
+                           "proxy_lifetime_s": t.proxy_lifetime_s,
+                           "n_race": t.n_race, "n_hidden": t.n_hidden_races,
+                           "n_reused": t.n_reused,
                            "rate": t.n_race / max(1, t.n_reused), "rate_low": low,
                            "rate_high": high})
+        elif t.verdict == "unsafe":
+            unsafe.append({"proxy_idle_s": t.proxy_idle_s, "upstream_close_s": t.upstream_close_s,
+                           "proxy_lifetime_s": t.proxy_lifetime_s, "n_race": 0, "n_hidden": 0,
+                           "n_reused": t.n_reused, "by_margin": t.verdict_text})
     model = fit_monotone(valid)
+    n_hidden = sum(t.n_hidden_races for t in valid)
+    control_text = control.text if control is not None else None
+    ratio = lifetime_ratio(valid)
     if close_s is None:
         return Recommendation("insufficient", upstream_idle_setting_s, None, margin, None,
                               protect_s, None, None, None, unsafe, other,
                               "no valid trial measured the upstream's close time; run an "
-                              "experiment whose trials are not invalid", model)
-    proxy_s = largest_safe_proxy_idle_s(close_s, margin)
+                              "experiment whose trials are not invalid", model,
+                              control=control_text, n_hidden_races=n_hidden,
+                              proxy_lifetime_ratio=ratio)
+    # the margin bounds the proxy's real idle lifetime; its setting is that over the ratio
+    lifetime_s = largest_safe_proxy_idle_s(close_s, margin)
+    proxy_s = (math.floor(round(lifetime_s / ratio * 10, 6)) / 10 or None
+               if lifetime_s is not None else None)
     offsets = [t.upstream_close_s - t.upstream_idle_s for t in valid
                if t.upstream_close_s is not None]
     offset_s = min(offsets)  # the least the real close exceeds the setting: conservative
-    needed_s = protect_s + margin - offset_s
+    # the upstream must outlive what the proxy really keeps, not what it is set to
+    needed_s = protect_s * ratio + margin - offset_s
     step_s = 1.0 if whole_seconds else 0.001
     upstream_s = max(step_s, math.ceil(round(needed_s / step_s, 6)) * step_s)
+    bound_note = None
+    if ratio > _COARSE_RATIO:
+        bound_note = (f"the proxy kept idle connections up to {ratio:.1f}x its setting "
+                      "(HAProxy's pool-purge-delay closes about half the idle connections "
+                      "per period, it is not a lifetime): the proxy side bounds the lifetime "
+                      "only coarsely; the upstream side (its idle setting) is the one that "
+                      "bounds it exactly")
     evidence = _evidence(valid, proxy_s) if proxy_s is not None else None
     more_load = None
     status = "ok"
-    if evidence is None or evidence.upper_rate > target_rate:
+    if control is not None and control.raced is False:
+        status = "no_control"
+        more_load = (f"{control.text}: no count of this load shows a setting safe; run it "
+                     "on a quieter machine, or with tighter bursts (fewer users per worker)")
+    elif evidence is None or evidence.upper_rate > target_rate:
         status = "insufficient"
         n_have = evidence.n_reused if evidence else 0
         n_need = requests_needed(target_rate)
@@ -253,4 +284,5 @@ def recommend(records: Iterable[Mapping[str, Any]], *, upstream_idle_setting_s: 
                      f"{proxy_s or 0:g}s with a larger --max-seconds)")
     return Recommendation(status, upstream_idle_setting_s, close_s, margin, proxy_s, protect_s,
                           upstream_s, offset_s, evidence, unsafe, other, more_load, model,
-                          per_gap(valid))
+                          per_gap(valid), proxy_lifetime_ratio=ratio, bound_note=bound_note,
+                          control=control_text, n_hidden_races=n_hidden)

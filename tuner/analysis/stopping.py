@@ -23,9 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tuner.analysis.outcomes import Outcome
-
-RACE_OUTCOMES = frozenset({Outcome.BAD_GATEWAY, Outcome.UNAVAILABLE, Outcome.RESET})
+from tuner.analysis.outcomes import RACE_OUTCOMES
 
 
 @dataclass(frozen=True)

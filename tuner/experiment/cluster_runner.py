@@ -7,7 +7,8 @@ One trial:
      does (the app reads the key at start) and wait for the rollout;
   3. wait until every sidecar beside the proxy reports the trial's generation applied;
   4. ask one sidecar to probe the app beside it: its real idle close, which the gaps
-     straddle (Node closes a second after its setting);
+     straddle (Node closes a second after its setting); the control trial then sets the
+     proxy's idle timeout well above it, under a generation of its own, and waits again;
   5. mark every sidecar's error log, run the race-hunting Locust load against the Service,
      and take the signatures each sidecar counted since its mark;
   6. store the trial (results store on a volume) and its summary in the ledger ConfigMap.
@@ -35,7 +36,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tuner import __version__
 from tuner.errors import ConfigError, KubeError, KubeWaitTimeout
@@ -46,10 +46,11 @@ from tuner.experiment.trials import (
     InvalidTrial,
     TrialKey,
     TrialPlan,
-    finish_record,
+    control_proxy_idle_s,
     gaps_for,
     load_plan,
-    new_record,
+    measured_trial,
+    new_trial,
     plan_trials,
     probe_max_idle_s,
     run_trials,
@@ -60,7 +61,8 @@ from tuner.kube.rollout import pod_fingerprint, sidecar_urls
 from tuner.kube.target import ClusterTarget, cluster_target
 from tuner.lab.process import held_signals
 from tuner.load.locust_runner import run_locust
-from tuner.store import ResultsStore, TrialRecord
+from tuner.store import ResultsStore, StoredTrial
+from tuner.trial import Trial
 
 #: Kubernetes gives a pod 30 s (the Job sets 60 s) between SIGTERM and SIGKILL: the
 #: restore after an interruption or an error must fit, so no API call is retried after
@@ -175,7 +177,7 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
 
 
 #: the generation the runner writes: experiment id, trial index, attempt
-_OUR_GENERATION = re.compile(r"[0-9a-f]{12}-\d{3}-\d+")
+_OUR_GENERATION = re.compile(r"[0-9a-f]{12}-\d{3}-\d+(-control)?")
 
 
 def _baseline(ledger: Mapping[str, str], tuning: Mapping[str, str],
@@ -209,17 +211,19 @@ def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStor
                       tick: Callable[[str], None] | None) -> None:
     target = cluster.target
 
-    def recorded(index: int, trial: TrialRecord) -> None:
-        summary = {key: trial.record.get(key) for key in (
-            "verdict", "n_requests", "n_failed", "n_502", "generation", "invalid_reason")}
-        summary.update(cell=trial.cell, repeat=trial.repeat, attempt=trial.attempt)
+    def recorded(index: int, stored: StoredTrial) -> None:
+        trial = stored.trial
+        summary = {"verdict": trial.verdict, "n_requests": trial.n_requests,
+                   "n_failed": trial.n_failed, "n_502": trial.n_502,
+                   "generation": trial.generation, "invalid_reason": trial.invalid_reason,
+                   "cell": stored.cell, "repeat": stored.repeat, "attempt": stored.attempt}
         cluster.patch_data(target.ledger_configmap, {
             f"trial-{index:03d}": json.dumps(summary, sort_keys=True), "updated-at": _now()})
 
-    def run_one(key: TrialKey, record: dict[str, Any]) -> dict[str, Any]:
+    def run_one(key: TrialKey) -> Trial:
         index = plan.order.index(key)
         attempt = plan.attempts.get((key.cell, key.repeat), 0)
-        return cluster_trial(cluster, spec, key, record,
+        return cluster_trial(cluster, spec, key,
                              generation=f"{experiment_id}-{index:03d}-{attempt}",
                              deployed=deployed, workdir=workdir, tick=tick)
 
@@ -228,8 +232,8 @@ def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStor
     with tempfile.TemporaryDirectory(prefix="tuner-locust-") as tmp:
         workdir = Path(tmp)
         try:
-            run_trials(store, experiment_id, plan, say=say, recorded=recorded,
-                       new=lambda key: new_record(spec, key, upstream=spec.upstream),
+            run_trials(store, experiment_id, plan, spec=spec, say=say, recorded=recorded,
+                       new=lambda key: new_trial(spec, key, upstream=spec.upstream),
                        run_one=run_one)
             finished = True
         except KeyboardInterrupt as exc:
@@ -258,20 +262,23 @@ def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStor
             f"did not complete: {exc}")
 
 
-def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
-                  record: dict[str, Any], *, generation: str, deployed: _Deployed,
-                  workdir: Path, tick: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One trial in the cluster. A wait that runs out raises InvalidTrial (the trial is
-    recorded as failed, with the reason); an API refusal raises KubeError (the experiment
-    stops: every further trial would be refused too)."""
+def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
+                  generation: str, deployed: _Deployed, workdir: Path,
+                  tick: Callable[[str], None] | None = None) -> Trial:
+    """One trial in the cluster, measured, not yet judged. A wait that runs out raises
+    InvalidTrial (the trial is recorded as failed, with the reason); an API refusal raises
+    KubeError (the experiment stops: every further trial would be refused too)."""
     target = cluster.target
+    trial = new_trial(spec, key, upstream=spec.upstream).with_(generation=generation)
     upstream_value = target.upstream_value(key.upstream_idle_s)
-    changes = {target.proxy_idle_key: target.proxy_value(key.proxy_idle_s),
+    # the control's proxy setting follows the close, measured below: until then, the
+    # grid's largest
+    proxy_idle_s = max(spec.proxy_idle_s) if key.control else key.proxy_idle_s
+    changes = {target.proxy_idle_key: target.proxy_value(proxy_idle_s),
                target.generation_key: generation}
     restart = deployed.upstream_value != upstream_value
     if restart:
         changes[target.upstream_idle_key] = upstream_value
-    record["generation"] = generation
     cluster.patch_data(target.tuning_configmap, changes)
     if restart:
         deployed.restart(cluster, upstream_value)
@@ -285,12 +292,26 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
         measured = sidecar_get(urls[0], "/probe", timeout_s=max_idle_s + 60,
                                samples=PROBE_SAMPLES, max_idle=f"{max_idle_s:g}s")
         close_s = measured.get("effective_close_s")
-        record.update(upstream_close_s=close_s, upstream_advertised_s=measured.get(
-            "advertised_s"), close_kind=measured.get("close_kind"), n_pods=len(urls))
+        trial = trial.with_(upstream_close_s=close_s,
+                            upstream_advertised_s=measured.get("advertised_s"),
+                            close_kind=measured.get("close_kind"), n_pods=len(urls))
+        if key.control:
+            if close_s is None:
+                raise InvalidTrial("the app never closed an idle connection: there is no "
+                                   "race for a control to show", trial)
+            generation = f"{generation}-control"
+            trial = trial.with_(proxy_idle_s=control_proxy_idle_s(close_s),
+                                generation=generation)
+            cluster.patch_data(target.tuning_configmap, {
+                target.proxy_idle_key: target.proxy_value(trial.proxy_idle_s),
+                target.generation_key: generation})
+            cluster.wait_generation(urls, generation)
         gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
         marks = {url: int(sidecar_get(url, "/status")["log_offset"]) for url in urls}
     except KubeWaitTimeout as exc:
-        raise InvalidTrial(str(exc)) from exc
+        raise InvalidTrial(str(exc), trial) from exc
+    except InvalidTrial as exc:
+        raise InvalidTrial(str(exc), trial) from None
     results = run_locust(
         load_plan(spec, target.service_url, gaps_s), workdir=workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
@@ -311,8 +332,8 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey,
     if after != before:
         problem = (f"the pods changed during the trial (before: {sorted(before)}; after: "
                    f"{sorted(after)}): a new or restarted pod's proxy log is not counted")
-    return finish_record(record, spec, gaps_s=gaps_s, results=results,
-                         signatures=sum_signatures(statuses), problem=problem)
+    return measured_trial(trial, gaps_s=gaps_s, results=results,
+                          signatures=sum_signatures(statuses), problem=problem)
 
 
 def _restore(cluster: Cluster, baseline: Mapping[str, str | None], *, deployed: _Deployed,

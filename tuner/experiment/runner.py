@@ -1,12 +1,14 @@
 """`tuner experiment`: run every trial of a spec on the local lab and record each one.
 
 One trial = one cell of the grid (proxy idle x upstream idle) and one repeat:
+  0. (once per proxy idle value, all at once, before the first trial) measure the proxy's
+     real idle lifetime at that setting (tuner.lab.lifetime);
   1. set the lab's timeouts (reload the proxy / restart the upstream) and wait for readiness;
   2. probe the upstream's real idle close time (it is what the gaps straddle, and it is
-     recorded with the trial);
+     recorded with the trial); the control trial takes its proxy idle timeout from it;
   3. run the race-hunting Locust load, bounded by the budget and the stopping rule;
   4. count the proxy's error-log signatures written during the trial;
-  5. decide the verdict, or mark the trial invalid with its cause;
+  5. judge it (tuner.analysis.judge), or mark the trial invalid with its cause;
   6. write it to the results store in one transaction, before the next trial starts.
 
 Design decision: trials run in an order shuffled by the spec's seed, so that a drift of the
@@ -25,7 +27,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tuner import __version__
 from tuner.analysis.signatures import count_haproxy_signatures, count_nginx_signatures
@@ -36,11 +37,12 @@ from tuner.experiment.trials import (
     PROBE_SAMPLES,
     InvalidTrial,
     TrialKey,
+    control_proxy_idle_s,
     describe_trial,
-    finish_record,
     gaps_for,
     load_plan,
-    new_record,
+    measured_trial,
+    new_trial,
     plan_trials,
     probe_max_idle_s,
     run_trials,
@@ -48,10 +50,12 @@ from tuner.experiment.trials import (
 )
 from tuner.lab import Lab
 from tuner.lab.lab import get_proxy_class
+from tuner.lab.lifetime import measure_lifetimes
 from tuner.lab.upstreams import upstream_from
 from tuner.load.locust_runner import run_locust
 from tuner.probe import parse_target, probe
-from tuner.store import ResultsStore, TrialRecord
+from tuner.store import ResultsStore, StoredTrial
+from tuner.trial import Trial
 
 __all__ = ["ExperimentRun", "TrialKey", "describe_trial", "run_experiment", "run_trial",
            "trial_order"]
@@ -91,7 +95,7 @@ class ExperimentRun:
     experiment_id: str
     db: Path
     spec: ExperimentSpec
-    trials: list[TrialRecord]
+    trials: list[StoredTrial]
     n_planned: int
 
 
@@ -125,33 +129,58 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
         say(f"{'resuming ' if stored else ''}experiment {experiment_id}: {len(plan.order)} "
             f"trials{f', {plan.n_done} already recorded' if stored else ''}, results in {db}")
         if plan.todo:
+            lifetimes = _proxy_lifetimes(spec, plan.todo, say=say)
             first = plan.todo[0]
             with Lab(proxy=spec.proxy, upstream=upstream_from(spec.upstream, spec.upstream_cmd),
-                     proxy_idle_s=first.proxy_idle_s,
+                     proxy_idle_s=max(spec.proxy_idle_s),
                      upstream_idle_s=first.upstream_idle_s) as lab:
-                run_trials(store, experiment_id, plan, say=say,
-                           new=lambda key: new_record(spec, key, upstream=_upstream_name(spec)),
-                           run_one=lambda key, record: run_trial(lab, spec, key, record,
-                                                                 tick=tick))
+                run_trials(store, experiment_id, plan, spec=spec, say=say,
+                           new=lambda key: new_trial(spec, key, upstream=_upstream_name(spec)),
+                           run_one=lambda key: run_trial(lab, spec, key, tick=tick,
+                                                         proxy_lifetime_s=lifetimes.get(
+                                                             key.proxy_idle_s)))
         trials = store.trials(experiment_id)
     return ExperimentRun(experiment_id, db, spec, trials, len(plan.order))
 
 
 def _upstream_name(spec: ExperimentSpec) -> str:
+    """The upstream as the results name it: a command is not the named server."""
     return spec.upstream if not spec.upstream_cmd else "command"
 
 
-def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey,
-              record: dict[str, Any] | None = None,
-              tick: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One trial on a running lab; returns the record to store (a trial that went wrong in
-    the lab raises InvalidTrial, and is recorded as invalid with the cause)."""
+def _proxy_lifetimes(spec: ExperimentSpec, keys: list[TrialKey], *,
+                     say: Callable[[str], None]) -> dict[float, float]:
+    """The proxy's real idle lifetime at every setting the trials use (not the control's:
+    it is chosen later, and is far above the close anyway)."""
+    settings = sorted({key.proxy_idle_s for key in keys if not key.control})
+    if not settings:
+        return {}
+    say(f"measuring {spec.proxy}'s real idle lifetime at "
+        f"{', '.join(format_seconds(s) for s in settings)} (an upstream that never closes; "
+        "about as long as the longest setting) ...")
+    measured = measure_lifetimes(spec.proxy, settings)
+    lifetimes = {}
+    for setting_s, lifetime in measured.items():
+        if lifetime.max_s is None:
+            continue
+        lifetimes[setting_s] = lifetime.max_s
+        say(f"  {spec.proxy} {format_seconds(setting_s)}: idle connections lived "
+            f"{lifetime.min_s or 0:.3f}-{lifetime.max_s:.3f} s"
+            + (f" ({lifetime.n_still_open} still open after {lifetime.waited_s:g} s)"
+               if lifetime.n_still_open else ""))
+    return lifetimes
+
+
+def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
+              tick: Callable[[str], None] | None = None,
+              proxy_lifetime_s: float | None = None) -> Trial:
+    """One trial on a running lab; returns it measured, not yet judged (a trial that went
+    wrong in the lab raises InvalidTrial, and is recorded as invalid with the cause)."""
     assert lab.proxy is not None and lab.upstream is not None
-    if record is None:
-        record = new_record(spec, key, upstream=_upstream_name(spec))
+    trial = new_trial(spec, key, upstream=_upstream_name(spec))
     if lab.problem() is not None or lab.upstream.idle_s != key.upstream_idle_s:
         lab.set_upstream_idle(key.upstream_idle_s)  # also restarts an upstream that died
-    if lab.proxy.proxy_idle_s != key.proxy_idle_s:
+    if not key.control and lab.proxy.proxy_idle_s != key.proxy_idle_s:
         lab.set_proxy_idle(key.proxy_idle_s)
     max_idle_s = probe_max_idle_s(key.upstream_idle_s)
     try:
@@ -160,9 +189,18 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey,
     except ProbeError as exc:
         raise InvalidTrial(f"probing the upstream failed: {exc}") from exc
     close_s = measured.effective_close_s
-    record.update(upstream_close_s=close_s, upstream_advertised_s=measured.advertised_s,
-                  close_kind=measured.close_kind)
-    gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
+    trial = trial.with_(upstream_close_s=close_s, upstream_advertised_s=measured.advertised_s,
+                        close_kind=measured.close_kind, proxy_lifetime_s=proxy_lifetime_s)
+    if key.control:
+        if close_s is None:
+            raise InvalidTrial("the upstream never closed an idle connection: there is no "
+                               "race for a control to show", trial)
+        trial = trial.with_(proxy_idle_s=control_proxy_idle_s(close_s))
+        lab.set_proxy_idle(trial.proxy_idle_s)
+    try:
+        gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
+    except InvalidTrial as exc:
+        raise InvalidTrial(str(exc), trial) from None
     mark = lab.proxy.error_log.mark()
     results = run_locust(
         load_plan(spec, lab.proxy.url, gaps_s), workdir=lab.workdir,
@@ -171,6 +209,6 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey,
     signatures = (count_nginx_signatures(lines) if spec.proxy == "nginx"
                   else count_haproxy_signatures(lines))
     problem = lab.problem()
-    return finish_record(record, spec, gaps_s=gaps_s, results=results, signatures=signatures,
-                         problem=f"a lab process died during the trial: {problem}"
-                         if problem is not None else None)
+    return measured_trial(trial, gaps_s=gaps_s, results=results, signatures=signatures,
+                          problem=f"a lab process died during the trial: {problem}"
+                          if problem is not None else None)

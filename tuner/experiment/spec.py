@@ -18,6 +18,7 @@
     db: results.db
     unsafe_after: 3                 # stopping rule, see tuner.analysis.stopping
     safe_after: 300
+    control: true                   # first, a positive control trial that must race
     write_back:                     # where `tuner recommend -o configmap` / `tuner apply` write
       ingress_nginx: {namespace: ingress-nginx, name: ingress-nginx-controller}
       app: {namespace: shop, name: checkout-config, key: KEEP_ALIVE_TIMEOUT_MS, unit: ms}
@@ -68,6 +69,12 @@ class ExperimentSpec:
     seed: int = 1
     db: str = "results.db"
     stop: StopRule = field(default_factory=StopRule)
+    #: run a positive control first (see tuner.analysis.judge); False gives up the proof
+    #: that this load can show the race here
+    control: bool = True
+    #: TESTS ONLY: spread each burst over up to this many ms, to check that a loose load is
+    #: measured as such and never judged safe
+    loosen_ms: float = 0.0
     write_back: dict[str, Any] = field(default_factory=dict)
     #: --target kubernetes: where in the cluster (see tuner.kube.target)
     kubernetes: dict[str, Any] = field(default_factory=dict)
@@ -132,8 +139,8 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 _FIELDS = ("proxy", "upstream", "upstream_cmd", "proxy_idle", "upstream_idle", "repeats",
            "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "methods",
-           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after", "write_back",
-           "kubernetes")
+           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after", "control",
+           "loosen_ms", "write_back", "kubernetes")
 
 
 def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -> ExperimentSpec:
@@ -185,6 +192,14 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
             changes["kubernetes"] = parse_cluster_target(value)
         elif key == "safe_after":
             stop = dataclasses.replace(stop, safe_after_requests=_int(key, value, minimum=0))
+        elif key == "control":
+            if not isinstance(value, bool):
+                raise _bad(key, value, "must be true or false")
+            changes["control"] = value
+        elif key == "loosen_ms":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise _bad(key, value, "must be a number of milliseconds, 0 or more")
+            changes["loosen_ms"] = float(value)
     return dataclasses.replace(spec, **changes, stop=stop)
 
 

@@ -2,26 +2,32 @@
 turning a load's results into a trial record with its verdict.
 
 Design decision: a target (the local lab, a cluster) only supplies "run this one trial and
-give me its record"; the loop owns ordering, attempts and the store, so a trial reaches
-disk in one transaction before the next starts, whichever target ran it.
+give me what it measured"; the loop owns ordering, attempts, the verdict and the store, so a
+trial reaches disk in one transaction before the next starts, and every target's trials are
+judged alike (tuner.analysis.judge), against the experiment's positive control.
+
+The control runs first: the proxy idle timeout well above the upstream's measured close,
+the same load. It must race; if it does not, this load cannot show the race here, and no
+trial of the experiment may be called safe.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.analysis.outcomes import Outcome
+from tuner.analysis.judge import Control, judge_trial, n_in_window, p95
 from tuner.analysis.signatures import n_races
-from tuner.analysis.stopping import n_race_failures, trial_verdict
-from tuner.durations import format_seconds, plain_seconds
+from tuner.durations import format_seconds
 from tuner.experiment.spec import ExperimentSpec
 from tuner.load.bursts import straddling_gaps
 from tuner.load.locust_runner import LocustPlan
-from tuner.store import ResultsStore, TrialRecord
+from tuner.store import ResultsStore, StoredTrial
+from tuner.trial import Trial, cell_name
 
 #: connections the probe measures before each trial (the minimum is what gaps straddle)
 PROBE_SAMPLES = 3
@@ -29,7 +35,12 @@ PROBE_SAMPLES = 3
 
 class InvalidTrial(Exception):
     """Raised inside a trial that cannot give a keep-alive result; the loop records the
-    trial as invalid with this reason and goes on (it is run again on resume)."""
+    trial as invalid with this reason (and what was measured before, `partial`) and goes
+    on (it is run again on resume)."""
+
+    def __init__(self, reason: str, partial: Trial | None = None) -> None:
+        super().__init__(reason)
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -37,21 +48,38 @@ class TrialKey:
     proxy_idle_s: float
     upstream_idle_s: float
     repeat: int
+    #: the positive control: its proxy idle timeout is chosen from the measured close
+    control: bool = False
 
     @property
     def cell(self) -> str:
-        return f"{plain_seconds(self.proxy_idle_s)}|{plain_seconds(self.upstream_idle_s)}"
+        return cell_name(self.proxy_idle_s, self.upstream_idle_s, control=self.control)
 
     def describe(self) -> str:
+        if self.control:
+            return (f"CONTROL: proxy idle well above the close, upstream idle "
+                    f"{format_seconds(self.upstream_idle_s)}")
         return (f"proxy idle {format_seconds(self.proxy_idle_s)}, upstream idle "
                 f"{format_seconds(self.upstream_idle_s)}, repeat {self.repeat + 1}")
 
 
+def control_key(spec: ExperimentSpec) -> TrialKey:
+    return TrialKey(0.0, spec.upstream_idle_s[0], 0, control=True)
+
+
 def trial_order(spec: ExperimentSpec) -> list[TrialKey]:
-    """Every trial of the spec, in the order its seed shuffles them into (pure)."""
+    """Every trial of the spec: the control first, then the grid in the order its seed
+    shuffles it into (pure)."""
     keys = [TrialKey(p, u, r) for r in range(spec.repeats) for p, u in spec.cells()]
     random.Random(spec.seed).shuffle(keys)
-    return keys
+    return ([control_key(spec)] if spec.control else []) + keys
+
+
+def control_proxy_idle_s(upstream_close_s: float) -> float:
+    """The control's proxy idle timeout: "well above" the close, by the larger of 1 s and
+    half the close, so that no error in the close or the gaps can put it below; rounded
+    up to 100 ms."""
+    return math.ceil(round((upstream_close_s + max(1.0, 0.5 * upstream_close_s)) * 10, 6)) / 10
 
 
 @dataclass
@@ -62,6 +90,8 @@ class TrialPlan:
     order: list[TrialKey]
     todo: list[TrialKey]
     attempts: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: the newest control trial already stored (a resumed run judges against it)
+    control: Trial | None = None
 
     @property
     def n_done(self) -> int:
@@ -72,25 +102,32 @@ def plan_trials(store: ResultsStore, experiment_id: str, spec: ExperimentSpec) -
     order = trial_order(spec)
     attempts: dict[tuple[str, int], int] = {}
     valid = set()
-    for trial in store.trials(experiment_id):
-        key = (trial.cell, trial.repeat)
-        attempts[key] = max(attempts.get(key, 0), trial.attempt + 1)
-        if trial.record.get("verdict") != "invalid":
+    control = None
+    for stored in store.trials(experiment_id):
+        key = (stored.cell, stored.repeat)
+        attempts[key] = max(attempts.get(key, 0), stored.attempt + 1)
+        if stored.trial.is_valid:
             valid.add(key)
+        if stored.trial.control:
+            control = stored.trial
     todo = [key for key in order if (key.cell, key.repeat) not in valid]
-    return TrialPlan(order, todo, attempts)
+    return TrialPlan(order, todo, attempts, control)
+
+
+def control_of(spec: ExperimentSpec, control: Trial | None) -> Control:
+    return Control.of(control, skipped=not spec.control)
 
 
 def run_trials(store: ResultsStore, experiment_id: str, plan: TrialPlan, *,
-               run_one: Callable[[TrialKey, dict[str, Any]], dict[str, Any]],
-               new: Callable[[TrialKey], dict[str, Any]],
-               say: Callable[[str], None],
-               recorded: Callable[[int, TrialRecord], None] | None = None) -> None:
-    """Run every trial left in `plan`, storing each one as soon as it ends. `run_one` fills
-    the record `new` made (or raises InvalidTrial); `recorded` hears of each stored trial
-    with its index in the experiment's order."""
+               spec: ExperimentSpec, run_one: Callable[[TrialKey], Trial],
+               new: Callable[[TrialKey], Trial], say: Callable[[str], None],
+               recorded: Callable[[int, StoredTrial], None] | None = None) -> None:
+    """Run every trial left in `plan`, judge it, and store it as soon as it ends. `run_one`
+    measures a trial (or raises InvalidTrial); `new` makes the record of a trial before
+    anything ran; `recorded` hears of each stored trial with its index in the order."""
     started = time.monotonic()
     n_failed_so_far = 0
+    control = plan.control
     for i, key in enumerate(plan.todo):
         elapsed_s = time.monotonic() - started
         eta = (f", ETA {format_seconds(round(elapsed_s / i * (len(plan.todo) - i)))}"
@@ -99,25 +136,29 @@ def run_trials(store: ResultsStore, experiment_id: str, plan: TrialPlan, *,
             f"(elapsed {format_seconds(max(1, round(elapsed_s)))}{eta}, "
             f"failures so far {n_failed_so_far})")
         trial_started = time.time()
-        record = new(key)
         try:
-            record = run_one(key, record)
+            trial = run_one(key)
         except InvalidTrial as exc:
-            record["invalid_reason"] = str(exc)
-        trial = TrialRecord(experiment_id, key.cell, key.repeat, trial_started, time.time(),
-                            record, plan.attempts.get((key.cell, key.repeat), 0))
-        store.add_trial(trial)
+            trial = (exc.partial or new(key)).with_(invalid_reason=str(exc))
+        # the control is judged like any trial; its margin makes it unsafe whatever it saw
+        trial = judge_trial(trial, rule=spec.stop, control=(
+            Control.none("this is the control") if key.control else control_of(spec, control)))
+        stored = StoredTrial(experiment_id, key.cell, key.repeat, trial_started, time.time(),
+                             trial, plan.attempts.get((key.cell, key.repeat), 0))
+        store.add_trial(stored)
         if recorded is not None:
-            recorded(plan.order.index(key), trial)
-        n_failed_so_far += int(record.get("n_failed", 0))
-        say("    " + describe_trial(record))
+            recorded(plan.order.index(key), stored)
+        n_failed_so_far += trial.n_failed
+        say("    " + describe_trial(trial))
+        if key.control:
+            control = trial
+            say("    " + control_of(spec, control).text)
 
 
-def new_record(spec: ExperimentSpec, key: TrialKey, *, upstream: str) -> dict[str, Any]:
+def new_trial(spec: ExperimentSpec, key: TrialKey, *, upstream: str) -> Trial:
     """A trial's record before anything ran: invalid until a verdict replaces that."""
-    return {"proxy": spec.proxy, "upstream": upstream, "proxy_idle_s": key.proxy_idle_s,
-            "upstream_idle_s": key.upstream_idle_s, "repeat": key.repeat,
-            "verdict": "invalid", "invalid_reason": None}
+    return Trial(proxy=spec.proxy, upstream=upstream, proxy_idle_s=key.proxy_idle_s,
+                 upstream_idle_s=key.upstream_idle_s, repeat=key.repeat, control=key.control)
 
 
 def gaps_for(spec: ExperimentSpec, close_s: float | None, *, max_idle_s: float
@@ -143,45 +184,46 @@ def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float]) -> LocustPlan
     return LocustPlan(host_url=url, gaps_s=gaps_s, burst_size=spec.burst_size,
                       methods=spec.methods, max_seconds=spec.max_seconds,
                       max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
-                      stop=spec.stop)
+                      stop=spec.stop, loosen_ms=spec.loosen_ms)
 
 
-def finish_record(record: dict[str, Any], spec: ExperimentSpec, *, gaps_s: list[float],
-                  results: Mapping[str, Any], signatures: Mapping[str, int],
-                  problem: str | None) -> dict[str, Any]:
-    """Fill in what the load and the proxy's log saw, then the verdict (pure). `problem`:
-    why the target itself went wrong during the load, which makes the trial invalid."""
-    counts: dict[str, int] = dict(results.get("counts", {}))
-    n_requests = sum(counts.values())
-    n_failed = sum(n for kind, n in counts.items() if kind != Outcome.OK)
-    n_reused = int(results.get("n_reused", 0))
-    n_cycles = int(results.get("n_cycles", 0))
-    record.update(
-        gaps_s=gaps_s, n_requests=n_requests, n_502=counts.get(Outcome.BAD_GATEWAY.value, 0),
-        n_failed=n_failed, failure_rate=(n_failed / n_requests) if n_requests else None,
-        n_race_failures=n_race_failures(counts), n_reused=n_reused, outcomes=counts,
-        by_gap=results.get("by_gap", {}), n_bursts=results.get("n_bursts", 0),
+def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, Any],
+                   signatures: Mapping[str, int], problem: str | None) -> Trial:
+    """`trial` with what the load and the proxy's log saw (pure); not yet judged.
+    `problem`: why the target itself went wrong during the load (the trial is invalid)."""
+    counts: dict[str, int] = {str(k): int(v) for k, v in results.get("counts", {}).items()}
+    spreads = [float(x) for x in results.get("burst_spread_ms", [])]
+    gap_errors = [abs(float(x)) for x in results.get("gap_error_ms", [])]
+    trial = trial.with_(
+        gaps_s=tuple(gaps_s), outcomes=counts, by_gap=results.get("by_gap", {}),
+        n_reused=int(results.get("n_reused", 0)), n_bursts=int(results.get("n_bursts", 0)),
         stop_reason=results.get("stop_reason"), elapsed_s=results.get("elapsed_s"),
-        n_proxy_log_races=n_races(signatures), log_signatures=dict(signatures))
+        n_proxy_log_races=n_races(signatures), log_signatures=dict(signatures),
+        burst_spread_ms_p95=p95(spreads), gap_error_ms_p95=p95(gap_errors),
+        n_in_window=n_in_window(results.get("idle_ms", {}), trial.upstream_close_s))
     if problem is not None:
-        record["invalid_reason"] = problem
-    elif signatures.get("connect_refused", 0):
-        record["invalid_reason"] = (f"the proxy could not connect to the upstream "
-                                    f"{signatures['connect_refused']} times: it was down, "
-                                    "which is not a keep-alive result")
-    elif n_requests == 0:
-        record["invalid_reason"] = "Locust sent no request"
-    else:
-        record["verdict"] = trial_verdict(n_race=record["n_race_failures"], n_reused=n_reused,
-                                          n_cycles=n_cycles, rule=spec.stop)
-    return record
+        return trial.with_(invalid_reason=problem)
+    if signatures.get("connect_refused", 0):
+        return trial.with_(invalid_reason=(
+            f"the proxy could not connect to the upstream {signatures['connect_refused']} "
+            "times: it was down, which is not a keep-alive result"))
+    if trial.n_requests == 0:
+        return trial.with_(invalid_reason="Locust sent no request")
+    return trial
 
 
-def describe_trial(record: Mapping[str, Any]) -> str:
+def describe_trial(trial: Trial) -> str:
     """One line for people about a finished trial."""
-    if record["verdict"] == "invalid":
-        return f"INVALID: {record['invalid_reason']}"
-    return (f"{record['verdict'].upper()}: {record['n_failed']} failed of "
-            f"{record['n_requests']} ({record['n_502']} x 502), "
-            f"{record['n_proxy_log_races']} race lines in the proxy log; upstream closed "
-            f"idle connections after {record['upstream_close_s']:.3f} s")
+    if trial.verdict == "invalid":
+        return f"INVALID: {trial.invalid_reason}"
+    close = (f"{trial.upstream_close_s:.3f} s" if trial.upstream_close_s is not None
+             else "never")
+    lifetime = (f", proxy kept them up to {trial.proxy_lifetime_s:.3f} s"
+                if trial.proxy_lifetime_s is not None else "")
+    aim = (f"; bursts within {trial.burst_spread_ms_p95:.1f} ms (p95), "
+           f"{trial.n_in_window} requests in the window"
+           if trial.burst_spread_ms_p95 is not None else "")
+    return (f"{trial.verdict.upper()}: {trial.verdict_text}\n"
+            f"    {trial.n_failed} failed of {trial.n_requests} ({trial.n_502} x 502), "
+            f"{trial.n_proxy_log_races} race lines in the proxy log; upstream closed idle "
+            f"connections after {close}{lifetime}{aim}")

@@ -59,26 +59,31 @@ def _seconds_text(value_s: float) -> str:
     return f"{value_s:.3f}".rstrip("0").rstrip(".")
 
 
-def server_snippets(proxy_idle_s: float, upstream_idle_s: float, upstream: str
+def server_snippets(proxy_idle_s: float, upstream_idle_s: float, upstream: str, *,
+                    proxy: str | None = None, proxy_lifetime_ratio: float = 1.0
                     ) -> dict[str, str]:
     """How the proxies and the experiment's upstream server take the recommended values, in
     their own syntax. Only the measured upstream gets a snippet: its setting was derived from
-    its own measured close, which another server would not share. Whole-second servers are
-    rounded up (a longer upstream idle timeout is the safe side)."""
+    its own measured close, which another server would not share; with `proxy`, only that
+    proxy does too. Whole-second servers are rounded up (a longer upstream idle timeout is
+    the safe side). `proxy_idle_s` is already the setting, its measured lifetime ratio
+    (`proxy_lifetime_ratio`) taken into account."""
     upstream_whole_s = math.ceil(round(upstream_idle_s, 6))
     snippets = {
         "nginx-snippet": f"upstream app {{ keepalive 32; "
                          f"keepalive_timeout {round(proxy_idle_s * 1000)}ms; }}",
         "haproxy-snippet": f"server app ... pool-purge-delay "
-                           f"{round(proxy_idle_s * 1000 / 3)}ms  # idle conns live 2-3x this",
+                           f"{round(proxy_idle_s * 1000)}ms  # idle conns lived up to "
+                           f"{max(proxy_lifetime_ratio, 1.0):.1f}x this",
         "node-snippet": f"server.keepAliveTimeout = "
                         f"{math.ceil(round(upstream_idle_s * 1000, 6))};",
         "uvicorn-snippet": f"uvicorn app:app --timeout-keep-alive {upstream_whole_s}",
         "gunicorn-snippet": f"gunicorn -k gthread --keep-alive {upstream_whole_s} app:app",
         "hypercorn-snippet": f"hypercorn --keep-alive {upstream_whole_s} app:app",
     }
+    proxies = (proxy,) if proxy is not None else ("nginx", "haproxy")
     return {key: value for key, value in snippets.items()
-            if key.split("-")[0] in ("nginx", "haproxy", upstream)}
+            if key.split("-")[0] in (*proxies, upstream)}
 
 
 def recommendation_configmaps(rec: Recommendation, *, name: str, namespace: str,
@@ -103,7 +108,8 @@ def recommendation_configmaps(rec: Recommendation, *, name: str, namespace: str,
         "upstream-idle-setting-seconds": _seconds_text(rec.upstream_idle_s),
         "upstream-close-measured-seconds": _seconds_text(rec.upstream_close_s or 0.0),
         "margin-seconds": _seconds_text(rec.margin_s),
-        **server_snippets(rec.proxy_idle_s, rec.upstream_idle_s, upstream),
+        **server_snippets(rec.proxy_idle_s, rec.upstream_idle_s, upstream,
+                          proxy_lifetime_ratio=rec.proxy_lifetime_ratio),
     }
     objects = [configmap(name=name, namespace=namespace, data=data, annotations=annotations)]
     write_back = write_back or {}

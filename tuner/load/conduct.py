@@ -8,6 +8,11 @@ Two roles, as in Locust's distributed mode:
 - one `Hub` (the single process, or the master) merges the reports of every sending process,
   applies the stopping rule, and says when the next burst starts: once every process that
   was expected for a burst has reported it (duplicates and stale reports are ignored).
+
+The load also measures its own aim, because a burst that misses the few-millisecond race
+window proves nothing: per burst, the launch spread (first to last request written, across
+every process) and the achieved idle gap against the planned one; per reused request, how
+long its connection sat idle (a histogram in whole milliseconds).
 """
 
 from __future__ import annotations
@@ -36,18 +41,28 @@ class BurstTally:
     index: int = -1
     n_users: int = 0
     answers_at: list[float] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
     pending: dict[str, Counter[str]] = field(default_factory=dict)
+    pending_idle_ms: Counter[int] = field(default_factory=Counter)
     reported: int = -1
 
     def start(self, index: int, n_users: int) -> None:
-        self.index, self.n_users, self.answers_at = index, n_users, []
+        self.index, self.n_users, self.answers_at, self.sent_at = index, n_users, [], []
 
-    def answered(self, index: int, answered_at: float, outcome: str) -> dict[str, Any] | None:
-        """Count one answer; return the burst's report once every user has answered."""
+    def answered(self, index: int, answered_at: float, outcome: str, *,
+                 sent_at: float | None = None, idle_s: float | None = None
+                 ) -> dict[str, Any] | None:
+        """Count one answer; return the burst's report once every user has answered.
+        `sent_at`: when its request was written; `idle_s`: how long its connection had been
+        idle then (None for a fresh connection)."""
         self.pending.setdefault(gap_key(self.gaps_s, index), Counter())[outcome] += 1
+        if idle_s is not None and index > 0:
+            self.pending_idle_ms[round(idle_s * 1000)] += 1
         if index != self.index or index <= self.reported:
             return None  # late: it goes out with the next report
         self.answers_at.append(answered_at)
+        if sent_at is not None:
+            self.sent_at.append(sent_at)
         return self.report() if len(self.answers_at) >= self.n_users else None
 
     def report(self) -> dict[str, Any] | None:
@@ -55,16 +70,21 @@ class BurstTally:
         if self.index <= self.reported or not self.answers_at:
             return None
         self.reported = self.index
-        report = {"index": self.index, "first_answer": min(self.answers_at),
-                  "counts": {k: dict(v) for k, v in self.pending.items()}}
-        self.pending = {}
+        report: dict[str, Any] = {
+            "index": self.index, "first_answer": min(self.answers_at),
+            "counts": {k: dict(v) for k, v in self.pending.items()},
+            "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()}}
+        if self.sent_at:
+            report.update(first_sent=min(self.sent_at), last_sent=max(self.sent_at))
+        self.pending, self.pending_idle_ms = {}, Counter()
         return report
 
-    def flush(self) -> dict[str, dict[str, int]]:
-        """Counts not yet reported (at the end of the run)."""
-        counts = {k: dict(v) for k, v in self.pending.items()}
-        self.pending = {}
-        return counts
+    def flush(self) -> dict[str, Any]:
+        """What was not yet reported (at the end of the run), as a late report's fields."""
+        late = {"counts": {k: dict(v) for k, v in self.pending.items()},
+                "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()}}
+        self.pending, self.pending_idle_ms = {}, Counter()
+        return late
 
 
 @dataclass(frozen=True)
@@ -87,13 +107,27 @@ class Hub:
     by_gap: dict[str, Counter[str]] = field(default_factory=dict)
     expected: dict[int, frozenset[str]] = field(default_factory=dict)
     received: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: per burst: the first and the last request written, over every process
+    sent: dict[int, tuple[float, float]] = field(default_factory=dict)
+    idle_ms: Counter[int] = field(default_factory=Counter)
     n_bursts: int = 0
     stop_reason: str = "budget"
 
-    def merge(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+    def merge(self, counts: Mapping[str, Mapping[str, int]],
+              idle_ms: Mapping[str, int] | None = None) -> None:
         for key, outcomes in counts.items():
             self.by_gap.setdefault(key, Counter()).update(outcomes)
             self.total.update(outcomes)
+        for ms, n in (idle_ms or {}).items():
+            self.idle_ms[int(ms)] += n
+
+    def _merge_sent(self, index: int, report: Mapping[str, Any]) -> None:
+        if "first_sent" not in report:
+            return
+        first, last = float(report["first_sent"]), float(report["last_sent"])
+        if index in self.sent:
+            first, last = min(first, self.sent[index][0]), max(last, self.sent[index][1])
+        self.sent[index] = (first, last)
 
     def expect(self, index: int, senders: frozenset[str]) -> None:
         """Which processes must report burst `index` before the next one starts."""
@@ -111,8 +145,9 @@ class Hub:
 
     def report(self, sender: str, report: Mapping[str, Any]) -> NextBurst | Stop | None:
         """Merge one process's report; decide once every expected process has reported."""
-        self.merge(report["counts"])
+        self.merge(report["counts"], report.get("idle_ms"))
         index = int(report["index"])
+        self._merge_sent(index, report)
         got = self.received.setdefault(index, {})
         if sender in got or index < self.n_bursts:
             return self._check_stop()  # a duplicate or stale report: counts only
@@ -142,9 +177,28 @@ class Hub:
             return Stop(verdict)
         return None
 
+    def burst_spreads_ms(self) -> list[float]:
+        """Per burst: first to last request written, over every process."""
+        return [round((last - first) * 1000, 3) for _, (first, last) in sorted(self.sent.items())]
+
+    def gap_errors_ms(self) -> list[float]:
+        """Per burst after a gap: when its first request was written, against the plan (the
+        previous burst's first answer plus the gap)."""
+        errors = []
+        for index, (first_sent, _) in sorted(self.sent.items()):
+            answers = self.received.get(index - 1)
+            if index == 0 or not answers:
+                continue
+            planned_s = self.gaps_s[(index - 1) % len(self.gaps_s)]
+            errors.append(round((first_sent - min(answers.values()) - planned_s) * 1000, 3))
+        return errors
+
     def results(self, *, mode: str, elapsed_s: float) -> dict[str, Any]:
         return {"mode": mode, "stop_reason": self.stop_reason, "n_bursts": self.n_bursts,
                 "gaps_s": list(self.gaps_s), "counts": dict(self.total),
                 "by_gap": {k: dict(v) for k, v in sorted(self.by_gap.items())},
                 "n_requests": sum(self.total.values()), "n_reused": self.n_reused,
-                "n_cycles": self.n_cycles, "elapsed_s": round(elapsed_s, 3)}
+                "n_cycles": self.n_cycles, "elapsed_s": round(elapsed_s, 3),
+                "burst_spread_ms": self.burst_spreads_ms(),
+                "gap_error_ms": self.gap_errors_ms(),
+                "idle_ms": {str(ms): n for ms, n in sorted(self.idle_ms.items())}}

@@ -48,6 +48,7 @@ _MSG_AT = "tuner_burst_at"
 #: connection_timeout + network_timeout (5 + 10 s), so only a request that failed anyway
 #: can miss it (and it is then counted with the next report)
 BURST_TIMEOUT_S = 20.0
+_NO_ANSWER = frozenset({Outcome.RESET, Outcome.TIMEOUT, Outcome.CONNECT_ERROR})
 
 
 @events.init_command_line_parser.add_listener
@@ -72,6 +73,9 @@ def _add_arguments(parser: Any) -> None:
                        help="stop as safe after this many reused requests and no race "
                             "failure, once every gap was tried (0: never early)")
     group.add_argument("--tuner-seed", type=int, default=0, help="seed for the method mix")
+    group.add_argument("--tuner-loosen-ms", type=float, default=0.0,
+                       help="TESTS ONLY: delay each user's request by a random 0..N ms, to "
+                            "check that a loose burst is measured and never judged safe")
     group.add_argument("--tuner-results", default="",
                        help="write the outcome counts as JSON to this file at the end")
 
@@ -124,8 +128,10 @@ class _Conductor:
         released.set()
         gevent.spawn_later(max(0.0, at - time.time()) + BURST_TIMEOUT_S, self._deadline, index)
 
-    def answered(self, index: int, answered_at: float, outcome: Outcome) -> None:
-        report = self.tally.answered(index, answered_at, outcome.value)
+    def answered(self, index: int, answered_at: float, outcome: Outcome, *, sent_at: float,
+                 idle_s: float | None) -> None:
+        report = self.tally.answered(index, answered_at, outcome.value, sent_at=sent_at,
+                                     idle_s=idle_s)
         if report is not None:
             self._deliver(report)
 
@@ -175,7 +181,8 @@ class _Conductor:
     def write_results(self) -> None:
         if not self.results_path or isinstance(self.runner, WorkerRunner):
             return
-        self.hub.merge(self.tally.flush())  # answers that arrived after their burst's report
+        late = self.tally.flush()  # answers that arrived after their burst's report
+        self.hub.merge(late["counts"], late["idle_ms"])
         document = self.hub.results(mode=self.mode, elapsed_s=time.time() - self.started_at)
         temporary = f"{self.results_path}.tmp"
         with open(temporary, "w") as out:
@@ -255,6 +262,8 @@ class RaceHuntingUser(FastHttpUser):
         self.body = '{"tuner": "race-hunting"}'
         self.done_index = -1
         self.steady_phase = RaceHuntingUser.n_started
+        #: when this user's connection last got an answer (it has sat idle since)
+        self.last_answer_at: float | None = None
 
     def _send(self) -> tuple[Outcome, float]:
         assert _conductor is not None
@@ -281,10 +290,16 @@ class RaceHuntingUser(FastHttpUser):
             if _conductor.finished:
                 return
         index, at = _conductor.burst_index, _conductor.burst_at
-        gevent.sleep(max(0.0, at - time.time()))
+        loosen_ms = _options(self.environment).tuner_loosen_ms
+        gevent.sleep(max(0.0, at - time.time())
+                     + (self.random.uniform(0, loosen_ms) / 1000 if loosen_ms else 0.0))
+        sent_at = time.time()
+        idle_s = sent_at - self.last_answer_at if self.last_answer_at is not None else None
         outcome, answered_at = self._send()
+        # no HTTP answer leaves no connection behind: the next request starts a fresh one
+        self.last_answer_at = None if outcome in _NO_ANSWER else answered_at
         self.done_index = index
-        _conductor.answered(index, answered_at, outcome)
+        _conductor.answered(index, answered_at, outcome, sent_at=sent_at, idle_s=idle_s)
 
     def _steady(self) -> None:
         """The same mean rate as the bursts, without gaps: one request per mean period."""

@@ -40,6 +40,8 @@ class LocustPlan:
     workers: int = 0
     seed: int = 0
     stop: StopRule = field(default_factory=StopRule)
+    #: TESTS ONLY: spread each burst over up to this many ms (see ExperimentSpec.loosen_ms)
+    loosen_ms: float = 0.0
     #: further Locust options, passed as they are (e.g. ("--loglevel", "DEBUG"))
     locust_args: tuple[str, ...] = ()
 
@@ -73,6 +75,8 @@ def locust_argv(plan: LocustPlan, *, results_path: Path) -> list[str]:
             "--tuner-unsafe-after", str(plan.stop.unsafe_after_failures),
             "--tuner-safe-after", str(plan.stop.safe_after_requests),
             "--tuner-seed", str(plan.seed), "--tuner-results", str(results_path)]
+    if plan.loosen_ms:
+        argv += ["--tuner-loosen-ms", f"{plan.loosen_ms:g}"]
     if plan.workers > 0:
         argv += ["--processes", str(plan.workers)]
     return argv + list(plan.locust_args)
