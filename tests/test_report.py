@@ -23,10 +23,16 @@ def test_report_is_self_contained_and_renders(tmp_path: Path) -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = out.read_text()
-    for heading in ("Recommendation", "Race failure rate by proxy idle x upstream idle",
+    for heading in ("What to set", "Trials, measured",
+                    "Race failure rate by proxy idle x upstream idle",
                     "Failure rate against the margin", "Which idle gaps produced the failures",
-                    "Trials and probe results"):
+                    "The whole recommendation"):
         assert heading in text
+    # the first screen answers: what to set on each side, in its own syntax, the evidence
+    # and the control, before any figure
+    answer = text[text.index("What to set"):text.index("Trials, measured")]
+    assert "keepalive_timeout 1000ms;" in answer and "server.keepAliveTimeout = " in answer
+    assert "evidence: no race in" in answer and "control:" in answer
     assert text.count("<svg") == 3
     # nothing to fetch: every reference is internal to the file or inline data
     references = re.findall(r'(?:href|src)="([^"]*)"', text)

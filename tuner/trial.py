@@ -134,8 +134,11 @@ class Trial:
 
     @property
     def proxy_keeps_s(self) -> float:
-        """How long the proxy really keeps an idle connection: measured, else its setting."""
-        return self.proxy_lifetime_s if self.proxy_lifetime_s is not None else self.proxy_idle_s
+        """How long the proxy may keep an idle connection: its setting, or longer where its
+        measured lifetime is (HAProxy's is several times its setting)."""
+        if self.proxy_lifetime_s is None:
+            return self.proxy_idle_s
+        return max(self.proxy_idle_s, self.proxy_lifetime_s)
 
     @property
     def margin_s(self) -> float | None:

@@ -4,9 +4,10 @@ A count of failures alone cannot call a setting safe: the race window is a few m
 wide, so a load that misses it (bursts spread by a busy machine, a noisy node) sees no race
 in an unsafe cell. So, in this order:
 1. any race, seen by the client or only in the proxy's log (a retry hid it), is unsafe;
-2. a proxy that keeps idle connections at least as long as the upstream's measured close is
-   unsafe whatever the count: "no race seen" there only means this load did not catch a
-   rare race (the upstream's timer starts first, so even equal values race);
+2. a proxy that keeps idle connections at least as long as the upstream's measured close
+   (within `AT_CLOSE_S`) is unsafe whatever the count: "no race seen" there only means this
+   load did not catch a rare race (the upstream's timer starts first, so even equal values
+   race);
 3. "safe" needs the stopping rule's evidence (no race in `safe_after` reused requests, every
    gap tried), a load that aimed well (bursts tight enough to hit the window), and a positive
    control of the same experiment that did race; without those the cell is inconclusive,
@@ -37,6 +38,11 @@ WINDOW_HALF_WIDTH_MS = 2
 CONFIDENCE = 0.95
 #: comparisons of float seconds allow this much binary noise
 _EPSILON_S = 1e-9
+#: a margin below this is "at the close": the probe and the lifetime measurement are each
+#: good to a few ms, and the race window (FIN delay plus event-loop lag) is a few ms on
+#: loopback and wider under load or across a network. nginx 2s measured 2.001 s against a
+#: close measured 2.002 s; the two are equal, not 1 ms apart, and that cell races.
+AT_CLOSE_S = 0.05
 
 
 def p95(values: Sequence[float]) -> float | None:
@@ -109,13 +115,15 @@ def judge_trial(trial: Trial, *, rule: StopRule, control: Control,
         return trial.with_(verdict="unsafe", verdict_text=(
             f"{n_race} races in {n_reused} reused requests{hidden}"))
     margin = trial.margin_s
-    if margin is not None and margin <= _EPSILON_S:
-        measured = ("its measured idle lifetime" if trial.proxy_lifetime_s is not None
-                    else "its setting")
+    if margin is not None and margin < AT_CLOSE_S:
+        measured = ("its measured idle lifetime"
+                    if trial.proxy_lifetime_s is not None
+                    and trial.proxy_lifetime_s > trial.proxy_idle_s else "its setting")
+        where = (f"{-margin:.1f} s past the measured close" if margin <= 0
+                 else f"until {margin * 1000:.0f} ms before the measured close, which is at it")
         return trial.with_(verdict="unsafe", verdict_text=(
-            f"no race in {n_reused} requests, but the proxy keeps connections "
-            f"{-margin:.1f} s past the measured close ({measured}): a rare race this load "
-            "did not catch"))
+            f"no race in {n_reused} requests, but the proxy keeps connections {where} "
+            f"({measured}): a rare race this load did not catch"))
     n_cycles = max(0, trial.n_bursts - 1) // max(1, len(trial.gaps_s))
     enough = decide(n_race=0, n_reused=n_reused, n_cycles=n_cycles, rule=rule) == "safe"
     if not enough:
@@ -141,6 +149,6 @@ def judge_trial(trial: Trial, *, rule: StopRule, control: Control,
     recommended_s = (default_margin_s(trial.upstream_close_s or 0.0) if margin_s is None
                      else margin_s)
     if margin is not None and margin < recommended_s - _EPSILON_S:
-        text = (f"safe here; margin {margin:.1f} s is below the {recommended_s:g} s we "
+        text = (f"safe here; margin {margin:.3g} s is below the {recommended_s:.3g} s we "
                 f"recommend: {text}")
     return trial.with_(verdict="safe", verdict_text=text)
