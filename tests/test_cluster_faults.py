@@ -31,8 +31,10 @@ def _spec(tmp_path: Path, **kubernetes: Any) -> Path:
                "rollout_timeout": "2s", "sidecar_timeout": "2s", "api_retry_limit": "2s",
                **kubernetes}
     path = tmp_path / "spec.yaml"
+    # faults, not verdicts, are tested here: no positive control (test_cluster_experiment
+    # runs it)
     path.write_text(json.dumps({"proxy": "nginx", "upstream": "node", "proxy_idle": ["1s"],
-                                "upstream_idle": ["1s"], "max_seconds": 5,
+                                "upstream_idle": ["1s"], "max_seconds": 5, "control": False,
                                 "kubernetes": section}))
     return path
 

@@ -141,7 +141,7 @@ def test_apply_retries_conflicts(tmp_path: Path) -> None:
         [result] = apply_configmaps(connection, objects, dry_run=False)
         assert result.action == "updated"
         assert state.configmaps[("shop", "tuner-keepalive")]["data"]["margin-seconds"] == "2"
-        assert sum(1 for verb, _ in state.requests if verb == "update") == 3
+        assert sum(1 for verb, _ in state.requests if verb == "patch") == 3
         state.conflicts = 10
         objects[0]["data"]["margin-seconds"] = "3"
         with pytest.raises(KubeError, match="5 conflicts"):

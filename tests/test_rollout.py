@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client
 
 from tuner.errors import KubeError
-from tuner.kube.apply import connect
+from tuner.kube.client import connect
 from tuner.kube.rollout import (
     RESTARTED_AT,
     list_pods,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from kubernetes import client
 
-from tuner.kube.apply import connect
+from tuner.kube.client import connect
 from tuner.lab.process import ManagedProcess, http_get, pick_free_port
 from tuner.probe import parse_target, probe
 

@@ -266,7 +266,8 @@ def _report(args: argparse.Namespace) -> RecommendationReport:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from tuner.kube.apply import apply_configmaps, connect
+    from tuner.kube.apply import apply_configmaps
+    from tuner.kube.client import connect
 
     objects = _report(args).configmaps(name=args.name, namespace=args.namespace)
     connection = connect(kubeconfig=args.kubeconfig, context=args.context)
@@ -305,7 +306,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     watch = None
     source: TuningSource
     if args.configmap is not None:
-        from tuner.kube.apply import connect
+        from tuner.kube.client import connect
         from tuner.kube.watch import WATCH_TIMEOUT_S, ConfigMapWatch, parse_configmap_ref
 
         namespace, name = parse_configmap_ref(args.configmap)

@@ -10,6 +10,11 @@
      ├── ProbeError               a server could not be probed                     (exit 5)
      ├── StoreError               the results store: not ours, newer, locked, full (exit 7)
      └── KubeError                the Kubernetes API refused or was unreachable    (exit 9)
+          ├── KubeNotFound            404: the object (or its namespace) does not exist
+          ├── KubeConflict            409: written by someone else since we read it
+          ├── KubeForbidden           403: RBAC does not grant the verb (names the Role to add)
+          ├── KubeInvalid             422: the server's validation refused the object
+          ├── KubeExpired             410: a watch's resourceVersion left the server's window
           ├── KubeUnreachable         no answer from the API server (retried with backoff)
           ├── KubeWaitTimeout         a rollout or the sidecars did not get there in time
           └── SidecarRefused          a sidecar answered but is set up wrong
@@ -74,6 +79,26 @@ class KubeError(TunerError):
     """The Kubernetes API refused a request, or could not be reached."""
 
     exit_code = 9
+
+
+class KubeNotFound(KubeError):
+    """404: the object, or the namespace it would live in, does not exist."""
+
+
+class KubeConflict(KubeError):
+    """409: the object changed since it was read (or was created meanwhile): re-read."""
+
+
+class KubeForbidden(KubeError):
+    """403: the account may not do this; the message names the verb and resource to grant."""
+
+
+class KubeInvalid(KubeError):
+    """422: the API server's validation refused the object."""
+
+
+class KubeExpired(KubeError):
+    """410 Gone: a watch asked for a resourceVersion the server no longer keeps."""
 
 
 class KubeUnreachable(KubeError):

@@ -131,7 +131,7 @@ def _trial_table(trials: Sequence[Trial]) -> str:
     head = ("<tr><th>proxy idle</th><th>proxy keeps</th><th>upstream idle</th>"
             "<th>advertised</th><th>measured close</th><th>close</th><th>margin</th>"
             "<th>requests</th><th>502</th><th>failed</th><th>log races</th>"
-            "<th>burst spread p95</th><th>gap error p95</th><th>in window</th>"
+            "<th>burst spread median / p95</th><th>gap error p95</th><th>in window</th>"
             "<th>verdict</th></tr>")
     rows = []
     for t in sorted(trials, key=lambda t: (not t.control, t.proxy_idle_s, t.upstream_idle_s,
@@ -149,7 +149,8 @@ def _trial_table(trials: Sequence[Trial]) -> str:
             f"<td>{_cell(t.margin_s, '+.2f')} s</td>"
             f"<td>{t.n_requests}</td><td>{t.n_502}</td>"
             f"<td>{t.n_failed}</td><td>{t.n_proxy_log_races}</td>"
-            f"<td>{_cell(t.burst_spread_ms_p95, '.1f')} ms</td>"
+            f"<td>{_cell(t.burst_spread_ms_median, '.1f')} / "
+            f"{_cell(t.burst_spread_ms_p95, '.1f')} ms</td>"
             f"<td>{_cell(t.gap_error_ms_p95, '.1f')} ms</td>"
             f"<td>{_cell(t.n_in_window, 'd')}</td>"
             f"<td class=\"{html.escape(t.verdict)}\" style=\"text-align:left\">{verdict}</td>"

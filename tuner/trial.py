@@ -74,6 +74,9 @@ class Trial:
     #: 95th percentile over bursts of the time from a burst's first request written to its
     #: last: the race window is a few ms wide, so a loose burst cannot aim at it
     burst_spread_ms_p95: float | None = None
+    #: the median of the same: the load's typical aim (a busy machine's occasional stall
+    #: shows in the p95, not here)
+    burst_spread_ms_median: float | None = None
     #: 95th percentile of |achieved idle gap - planned gap| over bursts
     gap_error_ms_p95: float | None = None
     #: reused requests sent after an idle time within +-2 ms of the measured close

@@ -162,8 +162,8 @@ def is_evidence(trial: Trial) -> bool:
     the load's bursts were tight enough to hit the window."""
     return (trial.is_valid and not trial.control and trial.n_race == 0
             and trial.margin_s is not None and trial.margin_s > 0
-            and (trial.burst_spread_ms_p95 is None
-                 or trial.burst_spread_ms_p95 <= MAX_BURST_SPREAD_MS))
+            and (trial.burst_spread_ms_median is None
+                 or trial.burst_spread_ms_median <= MAX_BURST_SPREAD_MS))
 
 
 def _evidence(trials: Sequence[Trial], proxy_idle_s: float) -> Evidence | None:

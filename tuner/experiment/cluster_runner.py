@@ -386,7 +386,7 @@ def _write_recommendation(run: ClusterRun, cluster: Cluster, *,
         run.recommendation_problem = str(exc)
         say(f"no recommendation written: {exc}")
         return
-    connection = (cluster.core, cluster.host, cluster.context)
+    connection = cluster.connection
     run.written = cluster.call("write the recommendation", lambda: apply_configmaps(
         connection, objects, dry_run=False))
     for result in run.written:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, A
         stop_reason=results.get("stop_reason"), elapsed_s=results.get("elapsed_s"),
         n_proxy_log_races=n_races(signatures), log_signatures=dict(signatures),
         burst_spread_ms_p95=p95(spreads), gap_error_ms_p95=p95(gap_errors),
+        burst_spread_ms_median=statistics.median(spreads) if spreads else None,
         n_in_window=n_in_window(results.get("idle_ms", {}), trial.upstream_close_s))
     if problem is not None:
         return trial.with_(invalid_reason=problem)
@@ -220,9 +222,9 @@ def describe_trial(trial: Trial) -> str:
              else "never")
     lifetime = (f", proxy kept them up to {trial.proxy_lifetime_s:.3f} s"
                 if trial.proxy_lifetime_s is not None else "")
-    aim = (f"; bursts within {trial.burst_spread_ms_p95:.1f} ms (p95), "
-           f"{trial.n_in_window} requests in the window"
-           if trial.burst_spread_ms_p95 is not None else "")
+    aim = (f"; bursts written within {trial.burst_spread_ms_median:.1f} ms (median, p95 "
+           f"{trial.burst_spread_ms_p95 or 0:.1f} ms), {trial.n_in_window} requests in the "
+           "window" if trial.burst_spread_ms_median is not None else "")
     return (f"{trial.verdict.upper()}: {trial.verdict_text}\n"
             f"    {trial.n_failed} failed of {trial.n_requests} ({trial.n_502} x 502), "
             f"{trial.n_proxy_log_races} race lines in the proxy log; upstream closed idle "

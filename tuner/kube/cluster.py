@@ -21,8 +21,14 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from tuner.durations import format_seconds
-from tuner.errors import KubeError, KubeUnreachable, KubeWaitTimeout, SidecarRefused
-from tuner.kube.apply import MAX_CONFLICT_RETRIES, REQUEST_TIMEOUT, translate_errors
+from tuner.errors import KubeError, KubeNotFound, KubeUnreachable, KubeWaitTimeout, SidecarRefused
+from tuner.kube.client import (
+    REQUEST_TIMEOUT,
+    Connection,
+    api_errors,
+    read_configmap,
+    write_configmap,
+)
 from tuner.kube.rollout import list_pods, restart_deployment, wait_rollout, wait_sidecars
 from tuner.kube.target import ClusterTarget
 
@@ -38,7 +44,8 @@ class Cluster:
                  say: Callable[[str], None], poll_s: float = 1.0) -> None:
         from kubernetes import client
 
-        self.core, self.host, self.context = connection
+        self.connection = Connection(*connection)
+        self.core, self.host, self.context = self.connection
         self.apps = client.AppsV1Api(self.core.api_client)
         self.target = target
         self.say = say
@@ -74,24 +81,11 @@ class Cluster:
                 time.sleep(pause_s)
                 pause_s = min(pause_s * 2, MAX_BACKOFF_S)
 
-    def _errors(self, verb: str, name: str, *, resource: str = "configmaps",
-                kind: str = "ConfigMap") -> Any:
-        return translate_errors(verb, self.target.namespace, name, self.host, self.context,
-                                resource=resource, kind=kind)
-
     def read_configmap(self, name: str, *, missing_ok: bool = False) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
-        def read() -> Any:
-            with self._errors("get", name):
-                try:
-                    return self.core.read_namespaced_config_map(
-                        name, self.target.namespace, _request_timeout=REQUEST_TIMEOUT)
-                except ApiException as exc:
-                    if exc.status == 404 and missing_ok:
-                        return None
-                    raise
-        return self.call(f"get ConfigMap {name}", read)
+        found = read_configmap(self.connection, self.target.namespace, name, call=self.call)
+        if found is None and not missing_ok:
+            raise KubeNotFound(f"ConfigMap {self.target.namespace}/{name} does not exist")
+        return found
 
     def read_tuning(self) -> dict[str, str]:
         """The tuning ConfigMap's data; a missing one names itself and how to create it."""
@@ -104,73 +98,28 @@ class Cluster:
         return dict(found.data or {})
 
     def check_deployment(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         name = self.target.deployment
 
-        def read() -> bool:
-            with self._errors("get", name, resource="deployments", kind="Deployment"):
-                try:
-                    self.apps.read_namespaced_deployment(name, self.target.namespace,
-                                                         _request_timeout=REQUEST_TIMEOUT)
-                except ApiException as exc:
-                    if exc.status == 404:
-                        return False
-                    raise
-            return True
-        if not self.call(f"get Deployment {name}", read):
+        def read() -> None:
+            with api_errors("get", self.target.namespace, name, self.host, self.context,
+                            resource="deployments", kind="Deployment"):
+                self.apps.read_namespaced_deployment(name, self.target.namespace,
+                                                     _request_timeout=REQUEST_TIMEOUT)
+        try:
+            self.call(f"get Deployment {name}", read)
+        except KubeNotFound:
             raise KubeError(f"Deployment {self.target.namespace}/{name} does not exist; set "
-                            "kubernetes.deployment to the Deployment of the upstream app")
+                            "kubernetes.deployment to the Deployment of the upstream app"
+                            ) from None
 
     def patch_data(self, name: str, changes: Mapping[str, str | None], *,
                    create: bool = False) -> None:
         """Set (or with None remove) keys of a ConfigMap: a merge patch that carries the
-        resourceVersion read, re-read and retried on a 409."""
-        from kubernetes.client.exceptions import ApiException
-
-        namespace = self.target.namespace
-        for _attempt in range(MAX_CONFLICT_RETRIES):
-            current = self.read_configmap(name, missing_ok=create)
-            if current is None:
-                body = {"apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": name, "namespace": namespace,
-                                     "labels": {"app.kubernetes.io/managed-by": "tuner"}},
-                        "data": {k: v for k, v in changes.items() if v is not None}}
-
-                def create_it(body: dict[str, Any] = body) -> bool:
-                    with self._errors("create", name):
-                        try:
-                            self.core.create_namespaced_config_map(
-                                namespace, body, _request_timeout=REQUEST_TIMEOUT)
-                        except ApiException as exc:
-                            if exc.status == 409:  # created by someone else meanwhile
-                                return False
-                            raise
-                    return True
-                if self.call(f"create ConfigMap {name}", create_it):
-                    return
-                continue
-            patch = {"metadata": {"resourceVersion": current.metadata.resource_version},
-                     "data": dict(changes)}
-
-            def patch_it(patch: dict[str, Any] = patch) -> bool:
-                with self._errors("patch", name):
-                    try:
-                        self.core.patch_namespaced_config_map(
-                            name, namespace, patch,
-                            _content_type="application/merge-patch+json",
-                            _request_timeout=REQUEST_TIMEOUT)
-                    except ApiException as exc:
-                        if exc.status == 409:  # written by someone else since our read
-                            return False
-                        raise
-                return True
-            if self.call(f"patch ConfigMap {name}", patch_it):
-                return
-            self.say(f"    ConfigMap {name} changed under us (409): read again, retrying")
-        raise KubeError(f"ConfigMap {namespace}/{name} kept changing under us: "
-                        f"{MAX_CONFLICT_RETRIES} conflicts (409) in a row; is another tool "
-                        "writing it (a GitOps controller reverting it)? Stop that, then re-run")
+        resourceVersion read, re-read and retried on a 409 (tuner.kube.client)."""
+        write_configmap(self.connection, self.target.namespace, name, data=changes,
+                        create=create, labels={"app.kubernetes.io/managed-by": "tuner"}
+                        if create else None, call=self.call,
+                        on_conflict=lambda line: self.say(f"    {line}"))
 
     # -- the upstream's Deployment ------------------------------------------------------------
 

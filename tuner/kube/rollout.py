@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuner.errors import KubeWaitTimeout
-from tuner.kube.apply import REQUEST_TIMEOUT, translate_errors
+from tuner.kube.client import REQUEST_TIMEOUT, api_errors
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
@@ -61,7 +61,7 @@ def restart_deployment(apps_api: Any, namespace: str, name: str, *, host: str,
     """Patch the pod template's restartedAt annotation, as `kubectl rollout restart`."""
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
-    with translate_errors("patch", namespace, name, host, context, resource="deployments",
+    with api_errors("patch", namespace, name, host, context, resource="deployments",
                     kind="Deployment"):
         apps_api.patch_namespaced_deployment(name, namespace, body,
                                              _content_type="application/merge-patch+json",
@@ -77,7 +77,7 @@ def wait_rollout(apps_api: Any, namespace: str, name: str, *, timeout_s: float, 
     deadline = time.monotonic() + timeout_s
 
     def read() -> Any:
-        with translate_errors("get", namespace, name, host, context, resource="deployments",
+        with api_errors("get", namespace, name, host, context, resource="deployments",
                               kind="Deployment"):
             return apps_api.read_namespaced_deployment(name, namespace,
                                                        _request_timeout=REQUEST_TIMEOUT)
@@ -95,7 +95,7 @@ def wait_rollout(apps_api: Any, namespace: str, name: str, *, timeout_s: float, 
 def list_pods(core_api: Any, namespace: str, selector: str, *, host: str,
               context: str | None) -> list[Any]:
     """The pods that `selector` picks."""
-    with translate_errors("list", namespace, selector, host, context, resource="pods", kind="Pods"):
+    with api_errors("list", namespace, selector, host, context, resource="pods", kind="Pods"):
         pods: list[Any] = core_api.list_namespaced_pod(
             namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT).items
     return pods

@@ -14,7 +14,7 @@ resourceVersion. An object unchanged for long carries a resourceVersion older th
 server's watch window, so a watch from it answers 410 Gone, and a re-get would return the
 same old version: a loop. Later watches resume from the last event or bookmark, and a 410
 there re-gets. Failures never end the thread: a 403 or 404, or an unreachable server, keep
-the last data in force, show in `problem()` (worded by `translate_errors`, as everywhere in
+the last data in force, show in `problem()` (worded by `api_errors`, as everywhere in
 the tool), and are retried after a back-off that doubles up to a bound.
 """
 
@@ -24,8 +24,8 @@ import math
 import threading
 from typing import Any
 
-from tuner.errors import ConfigError, KubeError
-from tuner.kube.apply import translate_errors
+from tuner.errors import ConfigError, KubeError, KubeExpired, KubeNotFound
+from tuner.kube.client import api_errors
 from tuner.kube.objects import check_name
 
 #: the wait after a failure doubles from the first to the second (seconds)
@@ -137,28 +137,23 @@ class ConfigMapWatch:
                 backoff_s = min(backoff_s * 2, self.backoff_max_s)
 
     def _get(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        with translate_errors("get", self.namespace, self.name, self._host, self._context):
-            try:
+        try:
+            with api_errors("get", self.namespace, self.name, self._host, self._context):
                 configmap = self._api.read_namespaced_config_map(
                     self.name, self.namespace,
                     _request_timeout=(CONNECT_TIMEOUT_S, GET_TIMEOUT_S))
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                # the watch that follows sees it created, at once
-                self._fail("get", f"ConfigMap {self.namespace}/{self.name} does not exist "
-                           "(404); watching for it to be created (the last tuning read stays "
-                           "in force)")
-                return
+        except KubeNotFound:
+            # the watch that follows sees it created, at once
+            self._fail("get", f"ConfigMap {self.namespace}/{self.name} does not exist "
+                       "(404); watching for it to be created (the last tuning read stays "
+                       "in force)")
+            return
         self._update(dict(configmap.data or {}), clears=("get",))
 
     def _watch_once(self, resume: str | None) -> str | None:
         """Watch until the server ends the watch; return where the next one resumes (None:
         get first, after a 410 Gone or when nothing told us a resourceVersion)."""
         from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
 
         self._watcher = watcher = watch.Watch()
         if self._stopped.is_set():
@@ -171,15 +166,15 @@ class ConfigMapWatch:
             "_request_timeout": (CONNECT_TIMEOUT_S, self.timeout_s + READ_MARGIN_S)}
         if resume is not None:
             options["resource_version"] = resume
-        with translate_errors("watch", self.namespace, self.name, self._host, self._context):
-            try:
+        try:
+            with api_errors("watch", self.namespace, self.name, self._host, self._context):
                 for event in watcher.stream(self._api.list_namespaced_config_map,
                                            self.namespace, **options):
                     resume = self._on_event(event) or resume
-            except ApiException as exc:
-                if exc.status == 410 and "resource_version" in options:
-                    return None  # our place is gone from the server's window: get again
+        except KubeExpired:
+            if "resource_version" not in options:
                 raise
+            return None  # our place is gone from the server's window: get again
         with self._lock:
             self._problems.pop("watch", None)
         return resume
