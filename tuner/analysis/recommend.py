@@ -273,6 +273,13 @@ def recommend(trials: Iterable[Trial], *, upstream_idle_setting_s: float,
         status = "no_control"
         more_load = (f"{control.text}: no count of this load shows a setting safe; run it "
                      "on a quieter machine, or with tighter bursts (fewer users per worker)")
+    elif proxy_s is None:
+        status = "insufficient"
+        more_load = (f"no proxy idle setting keeps connections less than the upstream's close "
+                     f"({close_s:.2f} s) minus the margin ({margin:g} s): the proxy kept them up "
+                     f"to {ratio:.1f}x its setting. Bound it from the upstream side: run trials "
+                     f"at upstream idle {upstream_s:g}s or more with the proxy at "
+                     f"{protect_s:g}s, which then gives the evidence")
     elif evidence is None or evidence.upper_rate > target_rate:
         status = "insufficient"
         n_have = evidence.n_reused if evidence else 0
