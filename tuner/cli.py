@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TypeAlias
 
 from tuner import __version__
 from tuner.commands import (
@@ -30,6 +31,9 @@ from tuner.commands import (
 from tuner.durations import EXAMPLES, parse_duration
 from tuner.errors import ConfigError, TunerError
 from tuner.lab import BUILTIN_UPSTREAMS, PROXIES
+
+#: the subparsers of `tuner`: one `_add_<command>` below adds each command
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 EXIT_CODES = """exit codes:
   0    success
@@ -94,7 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"durations: {EXAMPLES}\n\n{EXIT_CODES}")
     parser.add_argument("--version", action="version", version=f"tuner {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_lab(commands)
+    _add_demo(commands)
+    _add_probe(commands)
+    _add_experiment(commands)
+    _add_results(commands)
+    _add_recommend(commands)
+    _add_apply(commands)
+    _add_report(commands)
+    _add_sidecar(commands)
+    return parser
 
+
+def _add_lab(commands: _Commands) -> None:
     lab = commands.add_parser("lab", help="run a real proxy in front of a real upstream locally",
                               description="The local lab: a real nginx or HAProxy in front of "
                                           "a real upstream server, on 127.0.0.1.")
@@ -115,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print one JSON object with the URLs and settings")
     up.set_defaults(handler=cmd_lab_up)
 
+
+def _add_demo(commands: _Commands) -> None:
     demo = commands.add_parser(
         "demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="a small real experiment: nginx in front of Node, around Node's real close",
@@ -128,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(handler=cmd_demo)
 
+
+def _add_probe(commands: _Commands) -> None:
     probe = commands.add_parser(
         "probe", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="measure a server's real idle keep-alive close time",
@@ -167,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.set_defaults(handler=cmd_probe)
 
+
+def _add_experiment(commands: _Commands) -> None:
     experiment = commands.add_parser(
         "experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="sweep proxy x upstream idle timeouts under race-hunting load",
@@ -243,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="--target kubernetes: kubeconfig context")
     experiment.set_defaults(handler=cmd_experiment)
 
+
+def _add_results(commands: _Commands) -> None:
     results = commands.add_parser("results", help="list the trials of a results store",
                                   description="List the trials of the newest (or --id) "
                                               "experiment in a results store.",
@@ -253,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--json", action="store_true", help="print one JSON object")
     results.set_defaults(handler=cmd_results)
 
+
+def _add_recommend(commands: _Commands) -> None:
     rec = commands.add_parser(
         "recommend", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="recommend idle timeouts from a results store, with the evidence",
@@ -274,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--json", action="store_true", help="same as -o json")
     rec.set_defaults(handler=cmd_recommend)
 
+
+def _add_apply(commands: _Commands) -> None:
     apply = commands.add_parser(
         "apply", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write the recommended ConfigMaps to a cluster",
@@ -297,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(handler=cmd_apply)
 
+
+def _add_report(commands: _Commands) -> None:
     report = commands.add_parser(
         "report", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write one self-contained HTML report of a results store",
@@ -311,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="HTML file to write (default report.html)")
     report.set_defaults(handler=cmd_report)
 
+
+def _add_sidecar(commands: _Commands) -> None:
     sidecar = commands.add_parser(
         "sidecar", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="beside nginx: apply the tuning ConfigMap, count race signatures, serve metrics",
@@ -362,7 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--listen", default="127.0.0.1:9901", metavar="HOST:PORT")
     sidecar.add_argument("--poll", type=_duration("--poll"), default=0.5, metavar="DURATION")
     sidecar.set_defaults(handler=cmd_sidecar)
-    return parser
 
 
 def _add_recommend_options(parser: argparse.ArgumentParser) -> None:
