@@ -286,15 +286,15 @@ def _add_recommend(commands: _Commands) -> None:
                     "the proxy's idle timeout) over every trial of an experiment, and recommend\n"
                     "both directions: the largest safe proxy idle timeout for the upstream as\n"
                     "measured, and the smallest upstream idle setting for the proxy as\n"
-                    "configured, with the evidence (0 failures in n; 95 %% upper bound) and the\n"
+                    "configured, with the evidence (0 failures in n; 95 % upper bound) and the\n"
                     "unsafe settings' observed rates. Exact (Clopper-Pearson) intervals; a\n"
                     "monotone fit of the rate against the margin.",
         epilog="examples:\n"
                "  tuner recommend results.db\n"
                "  tuner recommend results.db --proxy-idle 60s --json\n"
                "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n\n"
-               "margin: by default the larger of 1 s and 10 %% of the measured close.\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               "margin: by default the larger of 1 s and 10 % of the measured close.\n\n"
+               + EXIT_CODES)
     _add_recommend_options(rec)
     rec.add_argument("-o", "--output", choices=("text", "json", "configmap"), default="text")
     rec.add_argument("--json", action="store_true", help="same as -o json")
@@ -315,7 +315,7 @@ def _add_apply(commands: _Commands) -> None:
                "  tuner apply results.db --context prod --namespace shop\n\n"
                "RBAC needed: get, create, update on configmaps in each target namespace\n"
                "(get on namespaces is used for a clearer error when one is missing).\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               + EXIT_CODES)
     _add_recommend_options(apply)
     apply.add_argument("--kubeconfig", metavar="PATH",
                        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the "
@@ -335,7 +335,7 @@ def _add_report(commands: _Commands) -> None:
                     "rate against the margin with exact intervals and the monotone fit, the\n"
                     "failing idle gaps, and the table of trials with their probe results.",
         epilog="example:\n  tuner report results.db -o report.html\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               + EXIT_CODES)
     _add_recommend_options(report)
     report.add_argument("-o", "--output", default="report.html", metavar="PATH",
                         help="HTML file to write (default report.html)")
@@ -369,7 +369,7 @@ def _add_sidecar(commands: _Commands) -> None:
                "  tuner sidecar --configmap tuner-demo/tuner-tuning \\\n"
                "      --render-dir /etc/nginx/tuner --nginx-pid /tmp/nginx.pid \\\n"
                "      --error-log /var/log/nginx/error.log --app-url http://127.0.0.1:3000/\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               + EXIT_CODES)
     source = sidecar.add_argument_group("tuning source (exactly one)")
     source.add_argument("--tuning-dir", metavar="DIR",
                         help="the tuning ConfigMap mounted as a directory, read every --poll")

@@ -79,7 +79,7 @@ def whole_ms(seconds: float, *, server: str) -> int:
     ms = round(seconds * 1000)
     if abs(ms - seconds * 1000) > _WHOLE_TOLERANCE or ms <= 0:
         raise ConfigError(
-            f"{server} takes whole milliseconds; {plain_seconds(seconds)}s is not one. "
+            f"{server} takes whole milliseconds; {plain_seconds(seconds * 1000)}ms is not one. "
             "Choose a value such as 1500ms."
         )
     return ms

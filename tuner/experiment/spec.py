@@ -206,6 +206,11 @@ def load_spec(path: Path) -> ExperimentSpec:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"spec file {path} does not exist") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"spec file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"spec file {path} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); give the experiment's YAML spec") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is None:
