@@ -23,7 +23,8 @@ from typing import Any
 import handwritten_stats as old  # bench/, beside this file
 
 from tuner.analysis import intervals as new
-from tuner.analysis.recommend import Trial, _pooled
+from tuner.analysis.recommend import _pooled
+from tuner.trial import Trial
 
 GRID = Path(__file__).parents[1] / "tests" / "data" / "nginx_node_grid.json"
 
@@ -54,7 +55,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", type=Path, default=GRID)
     args = parser.parse_args()
-    trials = [Trial.from_record(r) for r in json.loads(args.grid.read_text())["trials"]]
+    trials = [Trial.from_json(r) for r in json.loads(args.grid.read_text())["trials"]]
     print(f"recorded grid {args.grid.name}: {len(trials)} trials")
     print(f"{'proxy':>6} {'margin':>7} {'k/n':>7}  {'95 % interval, hand-written':>27}  "
           f"{'scipy':>27}  {'upper(0,n) old':>14} {'scipy':>14}")

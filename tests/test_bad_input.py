@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tuner.store import APPLICATION_ID, ResultsStore, TrialRecord
+from tuner.store import APPLICATION_ID, ResultsStore, StoredTrial
+from tuner.trial import Trial
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
 RECORDED = Path(__file__).parent / "data" / "nginx_node_grid.json"
@@ -207,9 +208,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
                              spec=recorded["spec"], versions=recorded["versions"],
                              host=recorded["host"])
         for i, trial in enumerate(recorded["trials"]):
-            store.add_trial(TrialRecord(recorded["experiment_id"], trial["cell"],
+            store.add_trial(StoredTrial(recorded["experiment_id"], trial["cell"],
                                         trial["repeat"], float(i), float(i) + 1,
-                                        {k: v for k, v in trial.items() if k != "cell"}))
+                                        Trial.from_json(trial)))
     return d, port
 
 

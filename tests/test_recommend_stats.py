@@ -120,7 +120,7 @@ def test_the_fit_is_monotone_and_keeps_every_request(points: list[tuple[float, i
 def test_the_fit_pools_only_violators() -> None:
     """Neighbours with merely equal rates stay apart (scipy alone would pool them), so an
     interval rests only on trials a violation of monotonicity tied together."""
-    trials = [Trial.from_record(_record(2.0 - m, 2.0, n_reused=n, n_race=k))
+    trials = [_record(2.0 - m, 2.0, n_reused=n, n_race=k)
               for m, n, k in ((-1.0, 300, 6), (0.0, 60, 8), (1.0, 210, 0), (2.0, 210, 0))]
     blocks = [(b.margin_low_s, b.margin_high_s, b.n_race, b.n_reused)
               for b in fit_monotone(trials)]
