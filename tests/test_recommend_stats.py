@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from typing import Any
 
@@ -12,6 +13,14 @@ from hypothesis import strategies as st
 from tuner.analysis.intervals import binomial_cdf, clopper_pearson, upper_bound
 from tuner.analysis.recommend import fit_monotone, recommend, requests_needed
 from tuner.trial import Trial
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scipy_loaded() -> None:
+    """tuner imports scipy on first use (0.3-0.6 s): hypothesis' 200 ms deadline is meant
+    for the statistics, not for that import."""
+    for module in ("scipy.special", "scipy.optimize"):
+        importlib.import_module(module)
 
 
 @st.composite
@@ -93,6 +102,9 @@ def test_more_race_free_evidence_never_weakens_the_recommendation(a: int, b: int
 @given(st.lists(st.tuples(st.floats(min_value=-5, max_value=5, allow_nan=False),
                           st.integers(min_value=1, max_value=500),
                           st.integers(min_value=0, max_value=500)), min_size=1, max_size=12))
+@example([(0.0, 10, 10), (1.0, 10, 10)])       # all failed, equal rates
+@example([(0.0, 300, 0), (0.0, 300, 0)])       # equal timeouts, no race
+@example([(-1.0, 60, 8), (1.0, 60, 9)])        # a violation
 def test_the_fit_is_monotone_and_keeps_every_request(points: list[tuple[float, int, int]]
                                                      ) -> None:
     trials = [_record(2.0 - m, 2.0, n_reused=n, n_race=min(k, n), verdict="safe")
@@ -103,6 +115,17 @@ def test_the_fit_is_monotone_and_keeps_every_request(points: list[tuple[float, i
     assert all(x >= y - 1e-12 for x, y in itertools.pairwise(rates))
     assert sum(b.n_reused for b in blocks) == sum(t.n_reused for t in trials)
     assert sum(b.n_race for b in blocks) == sum(t.n_race for t in trials)
+
+
+def test_the_fit_pools_only_violators() -> None:
+    """Neighbours with merely equal rates stay apart (scipy alone would pool them), so an
+    interval rests only on trials a violation of monotonicity tied together."""
+    trials = [_record(2.0 - m, 2.0, n_reused=n, n_race=k)
+              for m, n, k in ((-1.0, 300, 6), (0.0, 60, 8), (1.0, 210, 0), (2.0, 210, 0))]
+    blocks = [(b.margin_low_s, b.margin_high_s, b.n_race, b.n_reused)
+              for b in fit_monotone(trials)]
+    assert blocks == [(-1.0, 0.0, 14, 360), (1.0, 1.0, 0, 210), (2.0, 2.0, 0, 210)]
+    assert fit_monotone([]) == []
 
 
 def test_other_causes_are_not_a_timeout_recommendation() -> None:

@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TypeAlias
 
 from tuner import __version__
 from tuner.commands import (
@@ -30,6 +31,9 @@ from tuner.commands import (
 from tuner.durations import EXAMPLES, parse_duration
 from tuner.errors import ConfigError, TunerError
 from tuner.lab import BUILTIN_UPSTREAMS, PROXIES
+
+#: the subparsers of `tuner`: one `_add_<command>` below adds each command
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 EXIT_CODES = """exit codes:
   0    success
@@ -94,7 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"durations: {EXAMPLES}\n\n{EXIT_CODES}")
     parser.add_argument("--version", action="version", version=f"tuner {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_lab(commands)
+    _add_demo(commands)
+    _add_probe(commands)
+    _add_experiment(commands)
+    _add_results(commands)
+    _add_recommend(commands)
+    _add_apply(commands)
+    _add_report(commands)
+    _add_sidecar(commands)
+    return parser
 
+
+def _add_lab(commands: _Commands) -> None:
     lab = commands.add_parser("lab", help="run a real proxy in front of a real upstream locally",
                               description="The local lab: a real nginx or HAProxy in front of "
                                           "a real upstream server, on 127.0.0.1.")
@@ -115,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print one JSON object with the URLs and settings")
     up.set_defaults(handler=cmd_lab_up)
 
+
+def _add_demo(commands: _Commands) -> None:
     demo = commands.add_parser(
         "demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="a small real experiment: nginx in front of Node, around Node's real close",
@@ -128,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(handler=cmd_demo)
 
+
+def _add_probe(commands: _Commands) -> None:
     probe = commands.add_parser(
         "probe", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="measure a server's real idle keep-alive close time",
@@ -167,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.set_defaults(handler=cmd_probe)
 
+
+def _add_experiment(commands: _Commands) -> None:
     experiment = commands.add_parser(
         "experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="sweep proxy x upstream idle timeouts under race-hunting load",
@@ -243,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="--target kubernetes: kubeconfig context")
     experiment.set_defaults(handler=cmd_experiment)
 
+
+def _add_results(commands: _Commands) -> None:
     results = commands.add_parser("results", help="list the trials of a results store",
                                   description="List the trials of the newest (or --id) "
                                               "experiment in a results store.",
@@ -253,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--json", action="store_true", help="print one JSON object")
     results.set_defaults(handler=cmd_results)
 
+
+def _add_recommend(commands: _Commands) -> None:
     rec = commands.add_parser(
         "recommend", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="recommend idle timeouts from a results store, with the evidence",
@@ -260,20 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "the proxy's idle timeout) over every trial of an experiment, and recommend\n"
                     "both directions: the largest safe proxy idle timeout for the upstream as\n"
                     "measured, and the smallest upstream idle setting for the proxy as\n"
-                    "configured, with the evidence (0 failures in n; 95 %% upper bound) and the\n"
+                    "configured, with the evidence (0 failures in n; 95 % upper bound) and the\n"
                     "unsafe settings' observed rates. Exact (Clopper-Pearson) intervals; a\n"
                     "monotone fit of the rate against the margin.",
         epilog="examples:\n"
                "  tuner recommend results.db\n"
                "  tuner recommend results.db --proxy-idle 60s --json\n"
                "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n\n"
-               "margin: by default the larger of 1 s and 10 %% of the measured close.\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               "margin: by default the larger of 1 s and 10 % of the measured close.\n\n"
+               + EXIT_CODES)
     _add_recommend_options(rec)
     rec.add_argument("-o", "--output", choices=("text", "json", "configmap"), default="text")
     rec.add_argument("--json", action="store_true", help="same as -o json")
     rec.set_defaults(handler=cmd_recommend)
 
+
+def _add_apply(commands: _Commands) -> None:
     apply = commands.add_parser(
         "apply", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write the recommended ConfigMaps to a cluster",
@@ -287,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  tuner apply results.db --context prod --namespace shop\n\n"
                "RBAC needed: get, create, update on configmaps in each target namespace\n"
                "(get on namespaces is used for a clearer error when one is missing).\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               + EXIT_CODES)
     _add_recommend_options(apply)
     apply.add_argument("--kubeconfig", metavar="PATH",
                        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the "
@@ -297,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(handler=cmd_apply)
 
+
+def _add_report(commands: _Commands) -> None:
     report = commands.add_parser(
         "report", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write one self-contained HTML report of a results store",
@@ -305,12 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "rate against the margin with exact intervals and the monotone fit, the\n"
                     "failing idle gaps, and the table of trials with their probe results.",
         epilog="example:\n  tuner report results.db -o report.html\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               + EXIT_CODES)
     _add_recommend_options(report)
     report.add_argument("-o", "--output", default="report.html", metavar="PATH",
                         help="HTML file to write (default report.html)")
     report.set_defaults(handler=cmd_report)
 
+
+def _add_sidecar(commands: _Commands) -> None:
     sidecar = commands.add_parser(
         "sidecar", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="beside nginx: apply the tuning ConfigMap, count race signatures, serve metrics",
@@ -337,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  tuner sidecar --configmap tuner-demo/tuner-tuning \\\n"
                "      --render-dir /etc/nginx/tuner --nginx-pid /tmp/nginx.pid \\\n"
                "      --error-log /var/log/nginx/error.log --app-url http://127.0.0.1:3000/\n\n"
-               + EXIT_CODES.replace("%", "%%"))
+               + EXIT_CODES)
     source = sidecar.add_argument_group("tuning source (exactly one)")
     source.add_argument("--tuning-dir", metavar="DIR",
                         help="the tuning ConfigMap mounted as a directory, read every --poll")
@@ -362,7 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--listen", default="127.0.0.1:9901", metavar="HOST:PORT")
     sidecar.add_argument("--poll", type=_duration("--poll"), default=0.5, metavar="DURATION")
     sidecar.set_defaults(handler=cmd_sidecar)
-    return parser
 
 
 def _add_recommend_options(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from tuner.durations import format_seconds
 from tuner.errors import ConfigError, KubeError, LabError, LoadError, TunerError
@@ -86,6 +87,9 @@ def _parse_headers(raw: list[str]) -> dict[str, str]:
         name, sep, value = item.partition(":")
         if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
             raise ConfigError(f"header {item!r} is not of the form 'Name: value'")
+        if "\r" in value or "\n" in value:
+            raise ConfigError(f"header {item!r} has a line break in its value; give each "
+                              "header as its own -H 'Name: value'")
         headers[name.strip()] = value.strip()
     return headers
 
@@ -287,8 +291,14 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     from tuner.sidecar import Sidecar, SidecarPaths, TuningDir, TuningSource
 
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT, e.g. 127.0.0.1:9901")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT (a port 0-65535), e.g. "
+                          "127.0.0.1:9901")
+    if args.app_url is not None:
+        app_url = urlsplit(args.app_url)
+        if app_url.scheme != "http" or not app_url.hostname:
+            raise ConfigError(f"--app-url {args.app_url!r} is not an http:// URL of the app "
+                              "beside nginx, e.g. http://127.0.0.1:3000/")
     if (args.tuning_dir is None) == (args.configmap is None):
         raise ConfigError("give exactly one tuning source: --tuning-dir DIR (the ConfigMap "
                           "mounted as a volume) or --configmap NAMESPACE/NAME (watched through "
@@ -324,7 +334,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         server = sidecar.serve(host, int(port))
     except OSError as exc:
         raise ConfigError(f"--listen {args.listen}: {exc.strerror or exc}") from exc
-    print(f"sidecar serving http://{args.listen}/metrics and /status; tuning from "
+    listen = f"{host}:{server.server_address[1]}"  # the port the OS chose for port 0
+    print(f"sidecar serving http://{listen}/metrics and /status; tuning from "
           f"{f'ConfigMap {args.configmap} (watched)' if watch else args.tuning_dir}", flush=True)
     try:
         if watch is not None:
@@ -340,9 +351,19 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tuner.report import write_report
 
-    built = _report(args)
     path = Path(args.output)
-    write_report(built, path)
+    if path.is_dir():
+        raise ConfigError(f"-o {path} is a directory; give the HTML file to write, e.g. "
+                          f"{path / 'report.html'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"-o {path}: directory {path.parent} does not exist; create it or "
+                          "choose another path")
+    built = _report(args)
+    try:
+        write_report(built, path)
+    except OSError as exc:
+        raise ConfigError(f"-o {path}: cannot write the report there ({exc.strerror or exc}); "
+                          "choose another path") from exc
     print(f"wrote {path} ({path.stat().st_size // 1024} KiB): experiment "
           f"{built.experiment_id}, {len(built.trials)} trials")
     return 0

@@ -43,6 +43,21 @@ def parse_duration(text: str, *, what: str = "duration") -> float:
     return seconds
 
 
+def duration_field(key: str, value: object) -> float:
+    """A duration given as a field of a spec (YAML or flags): a number of seconds or a string
+    `parse_duration` takes. Errors name the key and the value."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key}: {value!r} is not a duration; write {EXAMPLES}")
+    if isinstance(value, str):
+        return parse_duration(value, what=f"{key}:")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number of seconds; write "
+                          f"{EXAMPLES}")
+    if value <= 0:
+        raise ConfigError(f"{key}: {value!r} must be greater than zero")
+    return float(value)
+
+
 def format_seconds(seconds: float) -> str:
     """Human form, shortest exact: 0.5 -> "500ms", 2.0 -> "2s", 90.0 -> "1m30s"."""
     ms = round(seconds * 1000)
@@ -64,7 +79,7 @@ def whole_ms(seconds: float, *, server: str) -> int:
     ms = round(seconds * 1000)
     if abs(ms - seconds * 1000) > _WHOLE_TOLERANCE or ms <= 0:
         raise ConfigError(
-            f"{server} takes whole milliseconds; {plain_seconds(seconds)}s is not one. "
+            f"{server} takes whole milliseconds; {plain_seconds(seconds * 1000)}ms is not one. "
             "Choose a value such as 1500ms."
         )
     return ms

@@ -62,7 +62,8 @@ def parse_target(url: str, *, method: str = "GET", host_header: str | None = Non
                  ) -> ProbeTarget:
     """Validate `url` (http or https, a host, an optional port); ConfigError if it is not."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if (parts.scheme not in ("http", "https") or not parts.hostname
+            or any(c.isspace() for c in url)):
         raise ConfigError(f"URL {url!r} is not an http:// or https:// URL with a host; "
                           "write e.g. http://127.0.0.1:8080/health")
     try:
@@ -71,6 +72,9 @@ def parse_target(url: str, *, method: str = "GET", host_header: str | None = Non
         raise ConfigError(f"URL {url!r} has an invalid port") from None
     if not method.isalpha():
         raise ConfigError(f"--method {method!r} is not an HTTP method")
+    if host_header is not None and (not host_header or any(c.isspace() for c in host_header)):
+        raise ConfigError(f"--host {host_header!r} is not a Host header value, e.g. "
+                          "api.internal or api.internal:8080")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return ProbeTarget(url=url, scheme=parts.scheme, host=parts.hostname, port=port, path=path,
                        method=method.upper(), host_header=host_header or parts.netloc,

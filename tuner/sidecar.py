@@ -94,7 +94,10 @@ def render_nginx(tuning: Tuning) -> dict[str, str]:
 
 def read_configmap_dir(path: Path) -> dict[str, str]:
     """A mounted ConfigMap: one file per key (Kubernetes' `..data` symlink dirs skipped)."""
-    return {entry.name: entry.read_text() for entry in sorted(path.iterdir())
+    # a binaryData key need not be UTF-8: undecodable bytes become U+FFFD, so such a value
+    # of a tuning key is refused by validation instead of stopping the sidecar
+    return {entry.name: entry.read_bytes().decode(errors="replace")
+            for entry in sorted(path.iterdir())
             if entry.is_file() and not entry.name.startswith(".")}
 
 

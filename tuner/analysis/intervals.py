@@ -1,44 +1,29 @@
-"""Exact binomial confidence intervals (pure).
+"""Exact binomial confidence intervals (pure), from scipy.
 
 Clopper-Pearson, not Wilson: the decision this tool supports rests on "0 failures in n
 requests", and for k = 0 (or k = n) and small n, Wilson's interval undercovers while
 Clopper-Pearson guarantees at least the nominal coverage for every n and p. It is
 conservative, which is the right side to err on before raising a production timeout.
-The bounds are found by bisection on the exact binomial tail, written as the regularized
-incomplete beta function (a continued fraction), so no statistics library is needed.
+The bounds are quantiles of the beta distribution, the exact inversion of the binomial
+tail; they agree with the bisection on a hand-written incomplete beta this module used to
+carry to 2e-14 (bench/stats_scipy_vs_handwritten.py prints both).
+
+Design decision: `scipy.special.betaincinv(a, b, q)`, the function `scipy.stats.beta.ppf(q,
+a, b)` evaluates (they differ by 1e-16 at most), called directly: measured on the 2-core
+machine, 6 us an interval instead of 120 us (the hand-written bisection took 1,250 us), and
+`import scipy.special` takes 0.3 s where `import scipy.stats` takes 0.9 s, which every
+`tuner recommend` would pay. scipy is imported on first use, so commands that never compute
+an interval do not pay even that.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 
-_BISECTION_STEPS = 60  # 2^-60: far below any rate that matters
+def _beta_quantile(q: float, a: float, b: float) -> float:
+    """The q-quantile of Beta(a, b)."""
+    from scipy.special import betaincinv
 
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
+    return float(betaincinv(a, b, q))
 
 
 def regularized_beta(a: float, b: float, x: float) -> float:
@@ -47,22 +32,22 @@ def regularized_beta(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+    from scipy.special import betainc
+
+    return float(betainc(a, b, x))
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), as I_{1-p}(n - k, k + 1)."""
+    """P(X <= k) for X ~ Binomial(n, p)."""
     if k < 0:
         return 0.0
     if k >= n or p <= 0.0:
         return 1.0
     if p >= 1.0:
         return 0.0
-    return regularized_beta(n - k, k + 1, 1.0 - p)
+    from scipy.special import bdtr
+
+    return float(bdtr(k, n, p))
 
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -72,8 +57,8 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     if n == 0:
         return 0.0, 1.0
     alpha = 1.0 - confidence
-    lower = 0.0 if k == 0 else _solve(lambda p: 1.0 - binomial_cdf(k - 1, n, p), alpha / 2)
-    upper = 1.0 if k == n else 1.0 - _solve(lambda q: binomial_cdf(k, n, 1.0 - q), alpha / 2)
+    lower = 0.0 if k == 0 else _beta_quantile(alpha / 2, k, n - k + 1)
+    upper = 1.0 if k == n else _beta_quantile(1.0 - alpha / 2, k + 1, n - k)
     return lower, upper
 
 
@@ -83,17 +68,4 @@ def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
         return 1.0
     if k >= n:
         return 1.0
-    alpha = 1.0 - confidence
-    return 1.0 - _solve(lambda q: binomial_cdf(k, n, 1.0 - q), alpha)
-
-
-def _solve(increasing: Callable[[float], float], target: float) -> float:
-    """The p in [0, 1] where the increasing function `increasing(p)` reaches `target`."""
-    lo, hi = 0.0, 1.0
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        if increasing(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    return _beta_quantile(confidence, k + 1, n - k)

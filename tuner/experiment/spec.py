@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.analysis.stopping import StopRule
-from tuner.durations import EXAMPLES, parse_duration
+from tuner.durations import duration_field
 from tuner.errors import ConfigError, TunerError
 from tuner.load.methods import parse_method_mix
 
@@ -100,23 +100,11 @@ def _bad(key: str, value: object, why: str) -> ConfigError:
     return ConfigError(f"{key}: {value!r} {why}")
 
 
-def spec_duration(key: str, value: object) -> float:
-    if isinstance(value, bool):
-        raise _bad(key, value, f"is not a duration; write {EXAMPLES}")
-    if isinstance(value, int | float):
-        if value <= 0:
-            raise _bad(key, value, "must be greater than zero")
-        return float(value)
-    if not isinstance(value, str):
-        raise _bad(key, value, f"is not a duration; write {EXAMPLES}")
-    return parse_duration(value, what=f"{key}:")
-
-
 def _durations(key: str, value: object) -> tuple[float, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise _bad(key, value, "must be a duration or a non-empty list of durations")
-    values = tuple(spec_duration(f"{key}[{i}]", item) for i, item in enumerate(items))
+    values = tuple(duration_field(f"{key}[{i}]", item) for i, item in enumerate(items))
     for i, seconds in enumerate(values):
         if any(abs(seconds - earlier) < 1e-9 for earlier in values[:i]):
             raise _bad(f"{key}[{i}]", items[i], "repeats an earlier value of the list")
@@ -165,9 +153,9 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
         elif key in ("proxy_idle", "upstream_idle"):
             changes[f"{key}_s"] = _durations(key, value)
         elif key in ("max_seconds",):
-            changes["max_seconds"] = spec_duration(key, value)
+            changes["max_seconds"] = duration_field(key, value)
         elif key == "gap_half_width":
-            changes["gap_half_width_s"] = spec_duration(key, value)
+            changes["gap_half_width_s"] = duration_field(key, value)
         elif key == "gaps":
             changes["gaps_s"] = None if value == AROUND_CLOSE else _durations(key, value)
         elif key in ("repeats", "burst_size", "gap_steps"):
@@ -218,6 +206,11 @@ def load_spec(path: Path) -> ExperimentSpec:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"spec file {path} does not exist") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"spec file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"spec file {path} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); give the experiment's YAML spec") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is None:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from tuner.errors import (
+    ConfigError,
     KubeConflict,
     KubeError,
     KubeExpired,
@@ -51,12 +53,15 @@ class Connection(NamedTuple):
 def connect(*, kubeconfig: str | None, context: str | None) -> Connection:
     """A connection from a kubeconfig (KUBECONFIG / --kubeconfig / --context) or, with no
     kubeconfig at all, the in-cluster service account."""
+    import yaml
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    if kubeconfig is not None:
+        check_kubeconfig(Path(kubeconfig))
     try:
         config.load_kube_config(config_file=kubeconfig, context=context)
-    except (ConfigException, FileNotFoundError, OSError) as exc:
+    except (ConfigException, OSError, yaml.YAMLError) as exc:
         if kubeconfig or context:
             raise KubeError(f"cannot load kubeconfig {kubeconfig or '(default)'}"
                             f"{f' context {context}' if context else ''}: {exc}") from exc
@@ -69,6 +74,26 @@ def connect(*, kubeconfig: str | None, context: str | None) -> Connection:
     configuration.retries = 1  # fail fast on a refused connection; the message says where
     return Connection(client.CoreV1Api(client.ApiClient(configuration)), configuration.host,
                       context)
+
+
+def check_kubeconfig(path: Path) -> None:
+    """A kubeconfig the user names must be a YAML mapping: the client's loader meets
+    anything else with a TypeError or a YAML traceback."""
+    import yaml
+
+    try:
+        with path.open("rb") as stream:
+            data = yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise ConfigError(f"--kubeconfig {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"--kubeconfig {path} cannot be read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--kubeconfig {path} is not valid YAML: "
+                          f"{' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--kubeconfig {path} is not a kubeconfig (a YAML mapping with "
+                          f"clusters, users and contexts); it holds a {type(data).__name__}")
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from tuner.durations import format_seconds, nginx_time, whole_ms, whole_s
+from tuner.durations import duration_field, format_seconds, nginx_time, whole_ms, whole_s
 from tuner.errors import ConfigError
 from tuner.kube.objects import check_name
 
@@ -79,8 +79,6 @@ _REQUIRED = ("namespace", "service_url", "deployment")
 def parse_cluster_target(value: object) -> dict[str, Any]:
     """Validate the spec's `kubernetes` section; the result is JSON-ready (for the store)
     and every error names the key."""
-    from tuner.experiment.spec import spec_duration  # the spec's rules, in one place
-
     if not isinstance(value, dict):
         raise ConfigError(f"kubernetes: {value!r} must be a mapping with at least "
                           f"{', '.join(_REQUIRED)}")
@@ -97,7 +95,7 @@ def parse_cluster_target(value: object) -> dict[str, Any]:
     for key, item in value.items():
         where = f"kubernetes.{key}"
         if key in _DURATIONS:
-            result[_DURATIONS[key]] = spec_duration(where, item)
+            result[_DURATIONS[key]] = duration_field(where, item)
         elif key == "sidecar_port":
             if isinstance(item, bool) or not isinstance(item, int) or not 0 < item < 65536:
                 raise ConfigError(f"{where}: {item!r} must be a port number (1-65535)")

@@ -99,7 +99,7 @@ def get_upstream(name: str) -> Upstream:
 
 def upstream_from(name: str, command: str | None) -> Upstream:
     """The user's own server when a command is given, else the built-in one called `name`."""
-    return command_upstream(command) if command else get_upstream(name)
+    return command_upstream(command) if command is not None else get_upstream(name)
 
 
 def command_upstream(template: str) -> Upstream:
