@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from tuner.errors import KubeError
+from tuner.findings import load_findings
 from tuner.kube.apply import apply_configmaps, connect
-from tuner.recommending import build_report
 from tuner.store import ResultsStore, StoredTrial
 from tuner.trial import Trial
 
@@ -45,7 +45,7 @@ def _store(tmp_path: Path, *, write_back: dict[str, Any] | None = None,
 
 
 def test_recommendation_on_recorded_data(tmp_path: Path) -> None:
-    report = build_report(_store(tmp_path), margin_s=None, proxy_idle_s=None,
+    report = load_findings(_store(tmp_path), margin_s=None, proxy_idle_s=None,
                           upstream_idle_s=None, target_rate=0.02)
     rec = report.primary
     assert rec.upstream_idle_setting_s == 1.0 and rec.status == "ok"
@@ -101,7 +101,7 @@ def test_insufficient_data_has_its_own_exit_code(tmp_path: Path) -> None:
 def _objects(tmp_path: Path) -> list[dict[str, Any]]:
     db = _store(tmp_path, write_back={
         "ingress_nginx": {"namespace": "ingress-nginx", "name": "ingress-nginx-controller"}})
-    report = build_report(db, margin_s=None, proxy_idle_s=None, upstream_idle_s=None,
+    report = load_findings(db, margin_s=None, proxy_idle_s=None, upstream_idle_s=None,
                           target_rate=0.02)
     return report.configmaps(name="tuner-keepalive", namespace="shop")
 

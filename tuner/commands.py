@@ -22,7 +22,7 @@ from tuner.lab.upstreams import upstream_from
 if TYPE_CHECKING:
     from tuner.experiment.runner import ExperimentRun
     from tuner.experiment.spec import ExperimentSpec
-    from tuner.recommending import RecommendationReport
+    from tuner.findings import Findings
 
 EXIT_UNSAFE = 6
 EXIT_INSUFFICIENT = 8
@@ -69,7 +69,7 @@ def _clear_demo_store(db: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tuner.demo import explain_demo, run_demo
-    from tuner.render import render_trials
+    from tuner.output.text import render_trials
 
     _clear_demo_store(Path(args.db))
     say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
@@ -125,7 +125,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             document["verdict"] = asdict(verdict)
         print(json.dumps(document, indent=2))
     else:
-        from tuner.render import render_probe
+        from tuner.output.text import render_probe
         print(render_probe(result, verdict))
     return EXIT_UNSAFE if verdict is not None and verdict.status == "unsafe" else 0
 
@@ -160,7 +160,7 @@ def _experiment_document(run: ExperimentRun) -> dict[str, object]:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from tuner.experiment.runner import run_experiment
-    from tuner.render import render_trials
+    from tuner.output.text import render_trials
 
     if args.target == "kubernetes" and args.resume:
         raise ConfigError("--resume: with --target kubernetes, resuming is automatic: the "
@@ -231,7 +231,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     from tuner.experiment.runner import ExperimentRun
     from tuner.experiment.spec import ExperimentSpec
     from tuner.experiment.trials import trial_order
-    from tuner.render import render_trials
+    from tuner.output.text import render_trials
     from tuner.store import ResultsStore
 
     db = Path(args.db)
@@ -260,12 +260,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> RecommendationReport:
-    from tuner.recommending import build_report
+def _findings(args: argparse.Namespace) -> Findings:
+    from tuner.findings import load_findings
 
     if not 0 < args.target_rate < 1:
         raise ConfigError(f"--target-rate {args.target_rate} must be between 0 and 1")
-    return build_report(Path(args.db), margin_s=args.margin, proxy_idle_s=args.proxy_idle,
+    return load_findings(Path(args.db), margin_s=args.margin, proxy_idle_s=args.proxy_idle,
                         upstream_idle_s=args.upstream_idle, target_rate=args.target_rate)
 
 
@@ -273,7 +273,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from tuner.kube.apply import apply_configmaps
     from tuner.kube.client import connect
 
-    objects = _report(args).configmaps(name=args.name, namespace=args.namespace)
+    objects = _findings(args).configmaps(name=args.name, namespace=args.namespace)
     connection = connect(kubeconfig=args.kubeconfig, context=args.context)
     results = apply_configmaps(connection, objects, dry_run=args.dry_run)
     if args.json:
@@ -349,7 +349,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tuner.report import write_report
+    from tuner.output.html import write_report
 
     path = Path(args.output)
     if path.is_dir():
@@ -358,7 +358,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not path.parent.is_dir():
         raise ConfigError(f"-o {path}: directory {path.parent} does not exist; create it or "
                           "choose another path")
-    built = _report(args)
+    built = _findings(args)
     try:
         write_report(built, path)
     except OSError as exc:
@@ -370,17 +370,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from tuner.recommending import render_report
+    from tuner.output.text import render_findings
 
-    report = _report(args)
+    findings = _findings(args)
     output = "json" if args.json else args.output
     if output == "json":
-        print(json.dumps(report.as_json(), indent=2))
+        print(json.dumps(findings.as_json(), indent=2))
     elif output == "configmap":
         import yaml
 
-        print(yaml.safe_dump_all(report.configmaps(name=args.name, namespace=args.namespace),
+        print(yaml.safe_dump_all(findings.configmaps(name=args.name, namespace=args.namespace),
                                  sort_keys=False), end="")
     else:
-        print(render_report(report))
-    return EXIT_INSUFFICIENT if report.primary.status != "ok" else 0
+        print(render_findings(findings))
+    return EXIT_INSUFFICIENT if findings.primary.status != "ok" else 0

@@ -374,13 +374,13 @@ def _close_ledger(cluster: Cluster, *, finished: bool, stopped_by: str,
 
 def _write_recommendation(run: ClusterRun, cluster: Cluster, *,
                           say: Callable[[str], None]) -> None:
-    from tuner.recommending import build_report
+    from tuner.findings import load_findings
 
     target = cluster.target
-    report = build_report(run.db, margin_s=None, proxy_idle_s=None, upstream_idle_s=None,
+    findings = load_findings(run.db, margin_s=None, proxy_idle_s=None, upstream_idle_s=None,
                           target_rate=0.02, experiment_id=run.experiment_id)
     try:
-        objects = report.configmaps(name=target.recommendation_configmap,
+        objects = findings.configmaps(name=target.recommendation_configmap,
                                     namespace=target.namespace)
     except ConfigError as exc:
         run.recommendation_problem = str(exc)

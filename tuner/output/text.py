@@ -10,6 +10,7 @@ from tuner.durations import format_seconds
 
 if TYPE_CHECKING:
     from tuner.analysis.verdict import Verdict
+    from tuner.findings import Findings
     from tuner.probe import ProbeResult
     from tuner.trial import Trial
 
@@ -82,3 +83,78 @@ def render_trials(trials: Sequence[Trial]) -> str:
             why.append(f"  {'control' if t.control else format_seconds(t.proxy_idle_s)} / "
                        f"{format_seconds(t.upstream_idle_s)}: {reason}")
     return "\n".join(rows + (["", *why] if why else []))
+
+
+def render_answer(findings: Findings) -> list[str]:
+    """The first screen: what to set on each side, in its own syntax, and why to trust it."""
+    rec = findings.primary
+    lines = []
+    settings = findings.settings()
+    if settings:
+        lines.append("set (either side is enough; both gives the margin twice):")
+        lines += [f"  {key.removesuffix('-snippet'):<10} {value}"
+                  for key, value in settings.items()]
+    else:
+        lines.append(f"NO RECOMMENDATION ({rec.status}): {rec.more_load}")
+    if rec.evidence is not None:
+        lines.append(f"evidence: {rec.evidence.text}")
+    if rec.bound_note:
+        lines.append(f"note: {rec.bound_note}")
+    lines.append(f"control: {findings.control.text}")
+    return lines
+
+
+def render_findings(findings: Findings) -> str:
+    spec = findings.spec
+    lines = [f"experiment {findings.experiment_id}: {spec.proxy} -> {findings.upstream}", "",
+             *render_answer(findings)]
+    for rec in findings.recommendations:
+        lines.append(f"\nupstream idle setting {format_seconds(rec.upstream_idle_setting_s)}")
+        if rec.upstream_close_s is not None:
+            lines.append(f"  measured close    {rec.upstream_close_s:.3f} s (setting "
+                         f"{'+' if (rec.upstream_close_offset_s or 0) >= 0 else ''}"
+                         f"{rec.upstream_close_offset_s or 0:.2f} s)")
+        if rec.proxy_lifetime_ratio > 1.01:
+            lines.append(f"  proxy keeps       idle connections up to "
+                         f"{rec.proxy_lifetime_ratio:.2f}x its setting (measured)")
+        if rec.status == "ok" and rec.proxy_idle_s is not None:
+            lines.append(f"  recommend         proxy idle timeout at most "
+                         f"{format_seconds(rec.proxy_idle_s)} (margin "
+                         f"{format_seconds(rec.margin_s)})")
+        if rec.upstream_idle_s is not None:
+            lines.append(f"  or, for the proxy's {format_seconds(rec.configured_proxy_idle_s)}: "
+                         f"upstream idle setting at least {format_seconds(rec.upstream_idle_s)}")
+        if rec.evidence is not None:
+            lines.append(f"  evidence          {rec.evidence.text}")
+        for bad in rec.unsafe:
+            if "by_margin" in bad:
+                lines.append(f"  unsafe            proxy idle "
+                             f"{format_seconds(bad['proxy_idle_s'])}: {bad['by_margin']}")
+                continue
+            hidden = (f", {bad['n_hidden']} of them hidden from the client by the proxy's "
+                      "retries" if bad["n_hidden"] else "")
+            lines.append(f"  unsafe            proxy idle {format_seconds(bad['proxy_idle_s'])}: "
+                         f"{bad['n_race']} races in {bad['n_reused']} reused requests "
+                         f"({bad['rate']:.1%}, 95 % CI {bad['rate_low']:.1%}-"
+                         f"{bad['rate_high']:.1%}){hidden}")
+        if rec.n_hidden_races:
+            lines.append(f"  hidden races      {rec.n_hidden_races} races the proxy retried on a "
+                         "fresh connection: the client saw a success, at the cost of a second "
+                         "round trip and a replayed request; a POST or PATCH there fails")
+        for block in rec.model:
+            lines.append(f"  model             margin {block.margin_low_s:+.2f}.."
+                         f"{block.margin_high_s:+.2f} s: {block.rate:.1%} "
+                         f"[{block.rate_low:.1%}-{block.rate_high:.1%}] in {block.n_reused}")
+        if rec.gaps:
+            hits = [g for g in rec.gaps if g.n_race]
+            lines.append("  failing gaps      " + (", ".join(
+                f"close{g.offset_ms:+d} ms: {g.n_race}/{g.n_requests}" for g in hits)
+                if hits else "none"))
+        for cause in rec.other_causes:
+            lines.append(f"  other cause       {cause}")
+        if rec.status != "ok":
+            lines.append(f"  {rec.status.upper():<17} {rec.more_load}")
+    lines.append("\nmasks, not fixes:")
+    for alt in findings.primary.alternatives:
+        lines.append(f"  {alt['proxy']}: {alt['setting']}  ({alt['effect']})")
+    return "\n".join(lines)

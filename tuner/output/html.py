@@ -1,4 +1,4 @@
-"""`tuner report`: one self-contained HTML file from a results store.
+"""`tuner report`: one self-contained HTML file from an experiment's findings.
 
 Design decision: figures are drawn with matplotlib (Agg, no display) and embedded as inline
 SVG, so the file has no external reference at all: it can be attached to a ticket or
@@ -16,7 +16,8 @@ from typing import Any
 
 from tuner.analysis.recommend import Recommendation
 from tuner.durations import format_seconds
-from tuner.recommending import RecommendationReport, render_answer, render_report
+from tuner.findings import Findings
+from tuner.output.text import render_answer, render_findings
 from tuner.trial import Trial
 
 _CSS = """
@@ -158,17 +159,17 @@ def _trial_table(trials: Sequence[Trial]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def render_html(report: RecommendationReport) -> str:
-    trials, versions, host = report.trials, report.versions, report.host
-    primary = report.primary
+def render_html(findings: Findings) -> str:
+    trials, versions, host = findings.trials, findings.versions, findings.host
+    primary = findings.primary
     here = [t for t in trials if abs(t.upstream_idle_s - primary.upstream_idle_setting_s) < 1e-9
             and not t.control]
-    spec = report.spec
-    title = f"Keep-alive experiment {report.experiment_id}: {spec.proxy} -> {report.upstream}"
+    spec = findings.spec
+    title = f"Keep-alive experiment {findings.experiment_id}: {spec.proxy} -> {findings.upstream}"
     versions_text = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
     gaps = (f"<div class=\"figure\">{gaps_svg(primary)}</div>" if primary.gaps
             else "<p>No trial failed: no gap to show.</p>")
-    answer = "\n".join(render_answer(report))
+    answer = "\n".join(render_answer(findings))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style></head><body>
@@ -187,14 +188,14 @@ upstream's measured close minus what the proxy really keeps (its measured idle l
 <h2>Which idle gaps produced the failures</h2>
 {gaps}
 <h2>The whole recommendation</h2>
-<pre>{html.escape(render_report(report))}</pre>
+<pre>{html.escape(render_findings(findings))}</pre>
 <p>Host {html.escape(host)}; {html.escape(versions_text)}.</p>
 </body></html>
 """
 
 
-def write_report(report: RecommendationReport, path: Path) -> None:
-    text = render_html(report)
+def write_report(findings: Findings, path: Path) -> None:
+    text = render_html(findings)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     temporary.replace(path)
