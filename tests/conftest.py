@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from tuner.lab import get_upstream
 from tuner.lab.lab import UpstreamServer
 from tuner.lab.process import ManagedProcess, http_get, is_listening, pick_free_port
+from tuner.lab.proxy import children
 from tuner.sidecar import parse_tuning, render_nginx
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
@@ -67,6 +69,17 @@ def alive(pids: set[int]) -> set[int]:
     return left
 
 
+def wait_for(is_true: Callable[[], object], *, timeout_s: float, what: str,
+             interval_s: float = 0.02) -> None:
+    """Poll `is_true` until it holds; fail naming `what` after `timeout_s`. Tests wait for a
+    condition this way, never by sleeping a guessed time and then asserting."""
+    deadline = time.monotonic() + timeout_s
+    while not is_true():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout_s:g}s")
+        time.sleep(interval_s)
+
+
 @pytest.fixture
 def no_leftover_children() -> Iterator[None]:
     """Fail the test if it leaves a child process of this test process running."""
@@ -92,6 +105,10 @@ class Pod:
     #: the app (Node): a test restarts it as a new pod of its Deployment would start
     app: UpstreamServer
     sidecar_port: int
+    nginx_pid: int
+    #: nginx's workers as last seen, and the sidecar's reload count they belong to
+    workers_seen: set[int]
+    reloads_seen: int
 
     def status(self, since: int | None = None) -> dict[str, object]:
         query = f"?since={since}" if since is not None else ""
@@ -103,10 +120,23 @@ class Pod:
         while time.monotonic() < deadline:
             status = self.status()
             if status["generation"] == generation:
-                time.sleep(0.3)  # old workers finish their graceful shutdown
+                self.wait_workers(status, timeout_s=timeout_s)
                 return status
             time.sleep(0.1)
         pytest.fail(f"the sidecar never applied generation {generation}: {self.status()}")
+
+    def wait_workers(self, status: Mapping[str, object], *, timeout_s: float = 10) -> None:
+        """After the sidecar's reloads up to `status`, wait until nginx runs only workers
+        started since: an old worker in its graceful shutdown keeps the old settings on the
+        connections it holds, and before nginx has handled the SIGHUP an old worker still
+        takes new connections."""
+        reloads = int(str(status["reloads"]))
+        if reloads == self.reloads_seen:
+            return
+        old = self.workers_seen
+        wait_for(lambda: (workers := children(self.nginx_pid)) and not workers & old,
+                 timeout_s=timeout_s, what=f"nginx workers other than {sorted(old)} alone")
+        self.workers_seen, self.reloads_seen = children(self.nginx_pid), reloads
 
 
 @contextmanager
@@ -160,8 +190,15 @@ http {{
         nginx.wait_ready(lambda: is_listening(port), timeout_s=10, what="listen")
         sidecar.wait_ready(lambda: http_get(sidecar_port, "/status") is not None, timeout_s=20,
                            what="serve /status")
+        wait_for(lambda: children(nginx.pid), timeout_s=10, what="nginx workers")
+        # workers first, then the reload count: a reload in between leaves the old workers
+        # marked as current, and a later wait then only waits less, never forever
+        workers = children(nginx.pid)
+        answer = http_get(sidecar_port, "/status")
+        assert answer is not None
         yield Pod(tmp_path, render, f"http://127.0.0.1:{port}",
-                  f"http://127.0.0.1:{sidecar_port}", upstream, sidecar_port)
+                  f"http://127.0.0.1:{sidecar_port}", upstream, sidecar_port, nginx.pid,
+                  workers, int(json.loads(answer[1])["reloads"]))
     finally:
         sidecar.stop()
         nginx.stop()

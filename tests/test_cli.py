@@ -6,13 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import alive, descendants
+from .conftest import alive, descendants, wait_for
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
 
@@ -44,8 +43,8 @@ def test_lab_up_serves_then_stops_everything_on_a_signal(signum: int) -> None:
         _, stderr = process.communicate(timeout=20)
     assert process.returncode == 130
     assert "stopped" in stderr
-    time.sleep(0.2)
-    assert not alive(children), "a lab process survived the signal"
+    wait_for(lambda: not alive(children), timeout_s=5,
+             what="exit of every lab process after the signal")
     assert not Path(str(info["workdir"])).exists()
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from tuner.lab.process import http_get
 
-from .conftest import Pod, start_pod
+from .conftest import Pod, start_pod, wait_for
 from .kube_api import KubeState, kube_api
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
@@ -174,11 +174,15 @@ def test_sigterm_restores_the_baseline_and_a_rerun_resumes(tmp_path: Path) -> No
         spec = _spec(tmp_path, pod)
         first = subprocess.Popen(_argv(tmp_path, kubeconfig, spec), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while "trial-000" not in _ledger(state) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "trial-000" in _ledger(state), first.stderr
-        time.sleep(1.0)  # into the second trial: its settings are in the ConfigMap
+        wait_for(lambda: "trial-000" in _ledger(state), timeout_s=120,
+                 what="first trial in the ledger")
+
+        def tuning_generation() -> str:
+            with state.lock:
+                return str(state.configmaps[(NS, "tuner-tuning")]["data"].get("generation"))
+        # into the second trial: its settings are in the ConfigMap
+        wait_for(lambda: tuning_generation().endswith("-001-0"), timeout_s=60,
+                 what="second trial's generation in the tuning ConfigMap")
         assert state.configmaps[(NS, "tuner-tuning")]["data"] != BASELINE
         first.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -207,7 +211,7 @@ def test_sigterm_restores_the_baseline_and_a_rerun_resumes(tmp_path: Path) -> No
         assert "resuming experiment" in second.stderr
         with contextlib.closing(sqlite3.connect(tmp_path / "results.db")) as db:
             rows = db.execute("SELECT cell, repeat, attempt FROM trials").fetchall()
-        # none repeated
+        # none repeated (the positive control, trial 0, included)
         assert sorted(rows) == [("1|1", 0, 0), ("3|1", 0, 0), ("control|1", 0, 0)]
         assert state.configmaps[(NS, "tuner-tuning")]["data"] == BASELINE
         assert _ledger(state)["state"] == "finished"

@@ -21,7 +21,7 @@ from tuner.experiment.spec import ExperimentSpec, load_spec, parse_spec
 from tuner.lab import Lab, get_upstream
 from tuner.load.locust_runner import LocustPlan, run_locust
 
-from .conftest import alive, descendants
+from .conftest import alive, descendants, wait_for
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
 
@@ -197,10 +197,9 @@ def test_kill_9_then_resume_repeats_no_trial(tmp_path: Path) -> None:
     started |= descendants(runner.pid)
     runner.kill()  # kill -9: no cleanup code runs in the runner
     runner.wait(timeout=10)
-    gone_by = time.monotonic() + 10  # the parent-death signal asks for a graceful stop
-    while alive(started) and time.monotonic() < gone_by:
-        time.sleep(0.1)
-    assert not alive(started), "lab or Locust processes outlived the killed runner"
+    # the parent-death signal asks for a graceful stop
+    wait_for(lambda: not alive(started), timeout_s=10,
+             what="exit of the lab and Locust processes after the runner's kill -9")
     first = _rows(db, "SELECT cell, repeat, started_at FROM trials ORDER BY started_at")
 
     result = subprocess.run([*TUNER, "experiment", "--db", str(db), "--resume", "--json"],
@@ -231,14 +230,22 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     assert runner.stdout is not None
     line = runner.stdout.readline()  # "experiment <id>: 1 trials, ..." once the lab is up
     assert line.startswith("experiment "), line
-    time.sleep(3)  # into the trial: probing or loading
+    # into a trial: the load runs (Locust is among the runner's processes)
+    wait_for(lambda: any("locust" in _cmdline(pid) for pid in descendants(runner.pid)),
+             timeout_s=60, what="Locust process under the runner")
     started = descendants(runner.pid)
     runner.send_signal(signal.SIGINT)
     _, stderr = runner.communicate(timeout=30)
     assert runner.returncode == 130
     assert f"tuner experiment --db {db} --resume" in stderr
-    time.sleep(0.5)
-    assert not alive(started)
+    wait_for(lambda: not alive(started), timeout_s=5, what="exit of every process it started")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_a_service_url_with_a_path_keeps_it_out_of_locusts_host() -> None:

@@ -19,7 +19,7 @@ from tuner.kube.client import connect
 from tuner.lab.process import ManagedProcess, http_get, pick_free_port
 from tuner.probe import parse_target, probe
 
-from .conftest import FIRST_TUNING, TUNER, start_pod
+from .conftest import FIRST_TUNING, TUNER, start_pod, wait_for
 from .kube_api import KubeState, kube_api
 
 NAMESPACE, NAME = "shop", "tuner-tuning"
@@ -84,17 +84,14 @@ def wait_status(url: str, is_reached: Callable[[dict[str, Any]], bool], *, timeo
         time.sleep(0.05)
 
 
-def wait_for(is_true: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not is_true():
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout_s:g}s")
-        time.sleep(0.02)
-
-
 def _watches(state: KubeState) -> list[str]:
     with state.lock:
         return [path for verb, path in state.requests if verb == "watch"]
+
+
+def _n_requests(state: KubeState, verb: str) -> int:
+    with state.lock:
+        return sum(1 for seen, _ in state.requests if seen == verb)
 
 
 def test_a_configmap_change_reaches_nginx_in_under_a_second(tmp_path: Path) -> None:
@@ -115,7 +112,7 @@ def test_a_configmap_change_reaches_nginx_in_under_a_second(tmp_path: Path) -> N
         assert status["error"] is None and status["reloads"] == 2
         assert "keepalive_timeout 1500ms;" in (pod.render_dir / "client-keepalive.conf"
                                                ).read_text()
-        time.sleep(0.3)  # old workers finish their graceful shutdown
+        pod.wait_workers(status)  # the old worker is gone: it kept the old keep-alive
         measured = probe(parse_target(f"{pod.nginx_url}/"), n_samples=2, max_idle_s=10)
         assert measured.idle_close_s is not None and 1.4 < measured.idle_close_s < 1.9
 
@@ -142,7 +139,10 @@ def test_forbidden_shows_the_verb_and_namespace_until_rbac_is_fixed(
                                  what=f"the forbidden {verb}")
             assert f"may not {verb} configmaps in namespace '{NAMESPACE}'" in status["error"]
             assert f"ConfigMap {NAMESPACE}/{NAME}" in status["error"]
-            time.sleep(1.0)  # retries (0.5 s, 1 s) leave the last good tuning in force
+            # two more tries (the back-off is 0.5 s, then 1 s) leave the last good tuning
+            n_tries = _n_requests(state, verb)
+            wait_for(lambda: _n_requests(state, verb) >= n_tries + 2, timeout_s=10,
+                     what=f"two more tries of the forbidden {verb}")
             status = httpx.get(url).json()
             assert status["generation"] == generation
             assert f"may not {verb} configmaps" in status["error"]
@@ -188,7 +188,8 @@ def test_a_watch_that_times_out_is_resumed_and_still_sees_changes(tmp_path: Path
     with cluster(tmp_path) as (state, kubeconfig, api), \
             bare_sidecar(tmp_path, kubeconfig, watch_timeout="1s") as url:
         wait_status(url, lambda s: s["generation"] == "1", timeout_s=5, what="generation 1")
-        time.sleep(2.5)  # two watches end on their timeout
+        wait_for(lambda: len(_watches(state)) >= 3, timeout_s=10,
+                 what="third watch (two ended on their 1 s timeout)")
         watches = _watches(state)
         assert len(watches) >= 3, watches
         assert all("timeoutSeconds=1" in path for path in watches)
@@ -213,9 +214,12 @@ def test_410_gone_gets_again_and_watches_from_the_current_state(tmp_path: Path) 
         # another object changes: from now on, the newest resourceVersion is in the window
         api.create_namespaced_config_map(NAMESPACE, {"metadata": {"name": "other"}})
         errors = set()
-        for _ in range(20):  # 2 s: two more 1 s watches, resumed where they ended
+        n_watches = len(_watches(state))
+
+        def two_more_watches() -> bool:  # 1 s each, resumed where the one before ended
             errors.add(str(httpx.get(url).json()["error"]))
-            time.sleep(0.1)
+            return len(_watches(state)) >= n_watches + 2
+        wait_for(two_more_watches, timeout_s=10, what="two more watches", interval_s=0.1)
         with state.lock:
             after = state.requests[n_before:]
         gets = [i for i, (verb, path) in enumerate(after)
