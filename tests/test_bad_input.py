@@ -96,6 +96,9 @@ CASES: list[tuple[str, str, int, str]] = [
     ("results-newer", "results {d}/newer.db", 7, "schema 99"),
     ("results-empty", "results {d}/empty.db", 2, "{d}/empty.db"),
     ("results-id", "results {d}/good.db --id nope", 2, "'nope'"),
+    ("results-zero-bytes", "results {d}/zero.db", 7, "{d}/zero.db"),
+    ("recommend-zero-bytes", "recommend {d}/zero.db", 7, "{d}/zero.db"),
+    ("report-zero-bytes", "report {d}/zero.db -o {d}/r.html", 7, "{d}/zero.db"),
     ("recommend-missing", "recommend {d}/missing.db", 2, "{d}/missing.db"),
     ("recommend-other-sqlite", "recommend {d}/other.db", 7, "{d}/other.db"),
     ("recommend-text", "recommend {d}/notes.db", 7, "{d}/notes.db"),
@@ -202,6 +205,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     newer.commit()
     newer.close()
     ResultsStore(d / "empty.db").close()
+    (d / "zero.db").write_bytes(b"")  # an empty file: read-only commands must not fill it
     recorded = json.loads(RECORDED.read_text())
     with ResultsStore(d / "good.db") as store:
         store.add_experiment(experiment_id=recorded["experiment_id"], created_at=0.0,

@@ -237,7 +237,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     db = Path(args.db)
     if not db.exists():
         raise ConfigError(f"results store {db} does not exist; run `tuner experiment --db {db}`")
-    with ResultsStore(db) as store:
+    with ResultsStore(db, create=False) as store:
         experiment = store.experiment(args.experiment_id)
         if experiment is None:
             ids = store.experiment_ids()

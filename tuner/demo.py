@@ -23,7 +23,7 @@ DEMO_GRID = {"proxy": "nginx", "upstream": "node", "proxy_idle": "1s,2s,3s",
 def is_demo_store(db: Path) -> bool:
     """True if every experiment in `db` is a demo's (so the demo may replace the file)."""
     try:
-        with ResultsStore(db, busy_timeout_s=1.0) as store:
+        with ResultsStore(db, busy_timeout_s=1.0, create=False) as store:
             experiments = [store.experiment(i) for i in store.experiment_ids()]
     except StoreError:
         return False

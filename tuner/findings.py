@@ -74,7 +74,7 @@ def load_findings(db: Path, *, margin_s: float | None, proxy_idle_s: float | Non
                  experiment_id: str | None = None) -> Findings:
     if not db.exists():
         raise ConfigError(f"results store {db} does not exist; run `tuner experiment --db {db}`")
-    with ResultsStore(db) as store:
+    with ResultsStore(db, create=False) as store:
         experiment = store.experiment(experiment_id)
         if experiment is None:
             raise ConfigError(f"{db} holds no experiment; run `tuner experiment --db {db}`")

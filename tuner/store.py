@@ -65,10 +65,13 @@ class StoredTrial:
 
 
 class ResultsStore:
-    """Open (or create) a results store; use as a context manager."""
+    """Open (or create) a results store; use as a context manager. `create=False` (the
+    commands that only read: results, recommend, report) refuses an empty file rather than
+    writing the schema into it."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, create: bool = True) -> None:
         self.path = path
+        self.create = create
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
         except sqlite3.Error as exc:
@@ -121,6 +124,9 @@ class ResultsStore:
             raise StoreError(f"{self.path} is not a tuner results store (not SQLite: {exc}); "
                              "choose another --db path") from exc
         if app_id == 0 and n_tables == 0:
+            if not self.create:
+                raise StoreError(f"{self.path} is empty, not a tuner results store; run "
+                                 f"`tuner experiment --db {self.path}` to fill it")
             with self._transaction("create the results schema") as db:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
