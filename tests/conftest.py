@@ -112,10 +112,11 @@ class Pod:
 @contextmanager
 def start_pod(tmp_path: Path, source_args: Sequence[str], *,
               first_tuning: Mapping[str, str] = FIRST_TUNING,
-              app_idle_s: float = 1.0) -> Iterator[Pod]:
+              app_idle_s: float = 1.0,
+              caller_args: Sequence[str] = ("--allow-unauthenticated",)) -> Iterator[Pod]:
     """Start Node (keepAliveTimeout `app_idle_s`), nginx (including files rendered from
     `first_tuning`) and the sidecar with `source_args` as its tuning source (and any further
-    flags); always stop them."""
+    flags) and `caller_args` saying who may call /probe; always stop them."""
     render = tmp_path / "render"
     render.mkdir()
     for name, text in render_nginx(parse_tuning(first_tuning)).items():
@@ -153,7 +154,7 @@ http {{
         [*TUNER, "sidecar", *source_args, "--render-dir", str(render),
          "--nginx-pid", str(tmp_path / "nginx.pid"), "--error-log", str(tmp_path / "error.log"),
          "--nginx-conf", str(conf), "--listen", f"127.0.0.1:{sidecar_port}", "--poll", "100ms",
-         "--app-url", f"http://127.0.0.1:{upstream.port}/"],
+         "--app-url", f"http://127.0.0.1:{upstream.port}/", *caller_args],
         name="sidecar", log_dir=tmp_path)
     sidecar.start()
     try:
