@@ -92,6 +92,8 @@ class Pod:
     #: the app (Node): a test restarts it as a new pod of its Deployment would start
     app: UpstreamServer
     sidecar_port: int
+    #: the `tuner sidecar` process (its stderr shows any traceback)
+    sidecar_process: ManagedProcess | None = None
 
     def status(self, since: int | None = None) -> dict[str, object]:
         query = f"?since={since}" if since is not None else ""
@@ -162,7 +164,7 @@ http {{
         sidecar.wait_ready(lambda: http_get(sidecar_port, "/status") is not None, timeout_s=20,
                            what="serve /status")
         yield Pod(tmp_path, render, f"http://127.0.0.1:{port}",
-                  f"http://127.0.0.1:{sidecar_port}", upstream, sidecar_port)
+                  f"http://127.0.0.1:{sidecar_port}", upstream, sidecar_port, sidecar)
     finally:
         sidecar.stop()
         nginx.stop()

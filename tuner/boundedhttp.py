@@ -112,6 +112,10 @@ class _Pending:
     buffer: bytearray
     deadline: float
     client: str
+    #: answered (refused) already: what the client still sends is read and dropped until it
+    #: closes or the deadline, so that closing does not reset the connection (a reset can
+    #: destroy the answer before the client reads it)
+    is_draining: bool = False
 
 
 class BoundedHTTPServer:
@@ -170,6 +174,9 @@ class BoundedHTTPServer:
                         self._read(selector, pending, key.fileobj)  # type: ignore[arg-type]
                 now = time.monotonic()
                 for sock in [s for s, p in pending.items() if p.deadline <= now]:
+                    if pending[sock].is_draining:
+                        self._forget(selector, pending, sock)
+                        continue
                     self.n_refused["head_deadline"] += 1
                     self._refuse(selector, pending, sock, _plain(
                         408, f"the request head did not arrive within "
@@ -209,9 +216,9 @@ class BoundedHTTPServer:
         except OSError:
             data = b""
         if not data:  # the client went away before its request was complete
-            selector.unregister(sock)
-            del pending[sock]
-            sock.close()
+            self._forget(selector, pending, sock)
+            return
+        if entry.is_draining:
             return
         entry.buffer += data
         end = entry.buffer.find(b"\r\n\r\n")
@@ -237,9 +244,22 @@ class BoundedHTTPServer:
 
     def _refuse(self, selector: selectors.BaseSelector, pending: dict[socket.socket, _Pending],
                 sock: socket.socket, answer: bytes) -> None:
+        """Answer, then drain what the client still sends for up to a second."""
+        try:
+            sock.send(answer)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._forget(selector, pending, sock)
+            return
+        entry = pending[sock]
+        entry.is_draining, entry.buffer = True, bytearray()
+        entry.deadline = time.monotonic() + 1.0
+
+    def _forget(self, selector: selectors.BaseSelector, pending: dict[socket.socket, _Pending],
+                sock: socket.socket) -> None:
         selector.unregister(sock)
         del pending[sock]
-        _send_and_close(sock, answer)
+        sock.close()
 
     # -- the workers ------------------------------------------------------------------------
 

@@ -35,12 +35,12 @@ from urllib.parse import unquote, urlsplit
 
 from tuner.analysis.signatures import count_nginx_signatures
 from tuner.boundedhttp import Request, Response
-from tuner.durations import format_seconds, parse_duration
+from tuner.durations import parse_duration
 from tuner.errors import ConfigError, ProbeError, TunerError
 from tuner.sidecar_auth import CHALLENGE, CallerCheck
 
 MAX_PROBE_SAMPLES = 10
-MAX_PROBE_IDLE_S = 3600.0
+MAX_PROBE_IDLE_S = 3600.0  # 1h, as the messages say
 DEFAULT_PROBE_SAMPLES = 3
 DEFAULT_PROBE_IDLE_S = 60.0
 #: beyond max_idle, what the probe's connects, first answers and reuse check may take
@@ -95,9 +95,8 @@ def _samples(value: str) -> int:
 def _max_idle(value: str) -> float:
     seconds = parse_duration(value, what="max_idle")
     if not 0 < seconds <= MAX_PROBE_IDLE_S:
-        raise ConfigError(f"max_idle={value} is outside (0, {format_seconds(MAX_PROBE_IDLE_S)}]"
-                          ": the probe holds its connections to the app that long; ask for "
-                          f"at most {format_seconds(MAX_PROBE_IDLE_S)}")
+        raise ConfigError(f"max_idle={value} is outside (0, 1h]: the probe holds its "
+                          "connections to the app that long; ask for at most 1h")
     return seconds
 
 
@@ -146,13 +145,11 @@ class SidecarAPI:
     """Routes a request to its endpoint; `state` is a tuner.sidecar.SidecarState."""
 
     def __init__(self, *, state: Any, error_log: Path, app_url: str | None,
-                 callers: CallerCheck,
-                 probe: Callable[..., Any] | None = None) -> None:
+                 callers: CallerCheck) -> None:
         self.state = state
         self.error_log = error_log
         self.app_url = app_url
         self.callers = callers
-        self._probe = probe
         self._probing = threading.Lock()
         #: time.monotonic() by which the running probe ends (its deadline)
         self._probe_ends = 0.0
@@ -225,9 +222,8 @@ class SidecarAPI:
         from tuner.probe import parse_target, probe
 
         assert self.app_url is not None
-        run = self._probe or probe
         try:
-            result = run(parse_target(self.app_url), n_samples=samples, max_idle_s=max_idle_s,
+            result = probe(parse_target(self.app_url), n_samples=samples, max_idle_s=max_idle_s,
                          deadline_s=deadline_s)
         except ProbeError as exc:  # the app beside us, not the request: a gateway's 502
             return _json(502, {"error": str(exc)})
