@@ -113,14 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_lab(commands: _Commands) -> None:
     lab = commands.add_parser("lab", help="run a real proxy in front of a real upstream locally",
                               description="The local lab: a real nginx or HAProxy in front of "
-                                          "a real upstream server, on 127.0.0.1.")
+                                          "a real upstream server, on 127.0.0.1. It binds "
+                                          "loopback only: nothing it starts listens on another "
+                                          "interface.")
     lab_commands = lab.add_subparsers(dest="lab_command", metavar="SUBCOMMAND", required=True)
     up = lab_commands.add_parser(
         "up", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="start the lab and keep it up until Ctrl-C",
-        description="Start a proxy in front of an upstream on 127.0.0.1 (ports chosen by the "
-                    "OS), with both idle timeouts set, print their URLs, and stay up until "
-                    "Ctrl-C or SIGTERM; then stop every process and remove the lab's files.",
+        description="Start a proxy in front of an upstream on 127.0.0.1 (ports chosen by the\n"
+                    "OS), with both idle timeouts set, print their URLs, and stay up until\n"
+                    "Ctrl-C or SIGTERM; then stop every process and remove the lab's files.\n\n"
+                    "Loopback only: the proxy and the built-in upstreams bind 127.0.0.1 and\n"
+                    "nothing else, so no other machine can reach the lab (Locust's master,\n"
+                    "with workers, binds 127.0.0.1 too). An --upstream-cmd server must listen\n"
+                    "on 127.0.0.1:{port}; the lab waits for that address, but cannot stop\n"
+                    "your command from binding others as well.",
         epilog="examples:\n"
                "  tuner lab up --proxy nginx --upstream node --proxy-idle 60s --upstream-idle 2s\n"
                "  tuner lab up --proxy haproxy --upstream uvicorn --upstream-idle 5s --json\n"
