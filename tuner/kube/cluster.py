@@ -149,7 +149,11 @@ class Cluster:
             return Path(self.target.sidecar_token_file).read_text().strip() or None
         except FileNotFoundError:
             pass
-        bearer = self.core.api_client.configuration.get_api_key_with_prefix("authorization")
+        configuration = self.core.api_client.configuration
+        # the client's loaders name the key "BearerToken" (older ones "authorization"); the
+        # call runs the in-cluster loader's refresh hook
+        bearer = (configuration.get_api_key_with_prefix("BearerToken")
+                  or configuration.get_api_key_with_prefix("authorization"))
         scheme, _, token = (bearer or "").partition(" ")
         return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
