@@ -416,8 +416,7 @@ _QUERIES = st.one_of(
 @example(path="/probe", query="samples=3000&max_idle=20s")
 @example(path="/status", query="since=18446744073709551616")
 @example(path="/probe", query="max_idle=1e400s")
-def test_fuzzed_queries_get_an_answer_never_an_error(tmp_path_factory: pytest.TempPathFactory,
-                                                     path: str, query: str) -> None:
+def test_fuzzed_queries_get_an_answer_never_an_error(path: str, query: str) -> None:
     """Every endpoint's query parsing, in-process (no app: a valid /probe query gets 404
     there, so no probe runs): 200, 400 or 404, never a crash."""
     api = SidecarAPI(state=SidecarState(), error_log=Path("/nonexistent/error.log"),

@@ -363,6 +363,8 @@ def _sidecar_callers(args: argparse.Namespace, host: str) -> CallerCheck:
         ("--caller-service-account", args.caller_service_account),
         ("--token-file", args.token_file),
         ("--allow-unauthenticated", args.allow_unauthenticated or None)) if value is not None]
+    if args.caller_service_account is None and args.token_audience != "tuner-sidecar":
+        raise ConfigError("--token-audience goes with --caller-service-account")
     if len(given) != 1:
         raise ConfigError(
             "say who may call /probe and /status?since with exactly one of "
