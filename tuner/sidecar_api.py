@@ -120,18 +120,14 @@ def count_since(path: Path, mark: int, *, max_bytes: int = MAX_SINCE_BYTES
             if end - start > max_bytes:
                 return None
             log.seek(start)
-            carry = b""
-            for _ in range(math.ceil((end - start) / _CHUNK_BYTES) + 1):
+            carry = b""  # a line begun in the previous chunk (at most max_bytes)
+            while log.tell() < end:
                 chunk = log.read(min(_CHUNK_BYTES, end - log.tell()))
-                if not chunk:
+                if not chunk:  # truncated meanwhile
                     break
-                complete, newline, carry = (carry + chunk).rpartition(b"\n")
-                if newline:
-                    counts.update(count_nginx_signatures(
-                        [line for line in complete.decode(errors="replace").split("\n")
-                         if line]))
-                else:
-                    carry = complete + carry
+                complete, _, carry = (carry + chunk).rpartition(b"\n")
+                counts.update(count_nginx_signatures(
+                    line for line in complete.decode(errors="replace").split("\n") if line))
     except FileNotFoundError:
         pass
     return counts
