@@ -100,3 +100,24 @@ def test_the_runner_shows_the_sidecars_its_token_file_else_the_kubeconfigs(
         assert cluster.sidecar_token() == "projected-token"
         token_file.write_text("rotated-by-the-kubelet\n")
         assert cluster.sidecar_token() == "rotated-by-the-kubelet"
+
+
+def test_a_sidecar_that_may_not_review_tokens_says_which_grant_is_missing(
+        tmp_path: Path) -> None:
+    from tuner.kube.tokenreview import token_reviewer
+    from tuner.sidecar_auth import ServiceAccountCaller
+
+    with kube_api(tmp_path) as (state, kubeconfig):
+        state.tokens["job"] = ("system:serviceaccount:shop:tuner", ["tuner-sidecar"])
+        reviewer = token_reviewer(connect(kubeconfig=str(kubeconfig), context=None),
+                                  audience="tuner-sidecar")
+        api = SidecarAPI(state=SidecarState(), error_log=tmp_path / "error.log", app_url=None,
+                         callers=ServiceAccountCaller(reviewer, namespace="shop", name="tuner",
+                                                      audience="tuner-sidecar"))
+        state.deny.add(("create", "tokenreviews"))
+        status, document = _get(api, "/status?since=0", "job")
+        assert status == 503
+        assert "may not create tokenreviews" in str(document)
+        assert "ClusterRole tuner-sidecar-tokenreview" in str(document)
+        state.deny.clear()  # granted: the refusal was not cached
+        assert _get(api, "/status?since=0", "job")[0] == 200

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tuner.errors import KubeError
-from tuner.kube.apply import translate_errors
+from tuner.errors import KubeForbidden
+from tuner.kube.client import api_errors
 from tuner.sidecar_auth import Review
 
 #: (connect, read) seconds: a caller waits for this review, so it is short
@@ -22,7 +22,6 @@ REVIEW_TIMEOUT = (3, 5)
 def token_reviewer(connection: Any, *, audience: str) -> Callable[[str], Review]:
     """A function that reviews one token for `audience` ("" = the API server's own)."""
     from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
 
     core, host, context = connection
     api = client.AuthenticationV1Api(core.api_client)
@@ -30,17 +29,15 @@ def token_reviewer(connection: Any, *, audience: str) -> Callable[[str], Review]
     def review(token: str) -> Review:
         body = client.V1TokenReview(spec=client.V1TokenReviewSpec(
             token=token, audiences=[audience] if audience else None))
-        with translate_errors("create", "(cluster scope)", "", host, context,
-                              resource="tokenreviews", kind="TokenReview"):
-            try:
+        try:
+            with api_errors("create", "(cluster scope)", "", host, context,
+                            resource="tokenreviews", kind="TokenReview"):
                 answer = api.create_token_review(body, _request_timeout=REVIEW_TIMEOUT)
-            except ApiException as exc:
-                if exc.status == 403:
-                    raise KubeError(
-                        "forbidden: the sidecar's ServiceAccount may not create tokenreviews "
-                        "(authentication.k8s.io); bind it to ClusterRole "
-                        "tuner-sidecar-tokenreview (manifests/base/rbac.yaml)") from exc
-                raise
+        except KubeForbidden as exc:
+            raise KubeForbidden(
+                "forbidden: the sidecar's ServiceAccount may not create tokenreviews "
+                "(authentication.k8s.io); bind it to ClusterRole tuner-sidecar-tokenreview "
+                "(manifests/base/rbac.yaml)") from exc
         status = answer.status
         if status is None:
             return Review(False, error="the TokenReview came back without a status")
