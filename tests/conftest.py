@@ -109,6 +109,8 @@ class Pod:
     #: nginx's workers as last seen, and the sidecar's reload count they belong to
     workers_seen: set[int]
     reloads_seen: int
+    #: the `tuner sidecar` process (its stderr shows any traceback)
+    sidecar_process: ManagedProcess | None = None
 
     def status(self, since: int | None = None) -> dict[str, object]:
         query = f"?since={since}" if since is not None else ""
@@ -142,10 +144,11 @@ class Pod:
 @contextmanager
 def start_pod(tmp_path: Path, source_args: Sequence[str], *,
               first_tuning: Mapping[str, str] = FIRST_TUNING,
-              app_idle_s: float = 1.0) -> Iterator[Pod]:
+              app_idle_s: float = 1.0,
+              caller_args: Sequence[str] = ("--allow-unauthenticated",)) -> Iterator[Pod]:
     """Start Node (keepAliveTimeout `app_idle_s`), nginx (including files rendered from
     `first_tuning`) and the sidecar with `source_args` as its tuning source (and any further
-    flags); always stop them."""
+    flags) and `caller_args` saying who may call /probe; always stop them."""
     render = tmp_path / "render"
     render.mkdir()
     for name, text in render_nginx(parse_tuning(first_tuning)).items():
@@ -183,7 +186,7 @@ http {{
         [*TUNER, "sidecar", *source_args, "--render-dir", str(render),
          "--nginx-pid", str(tmp_path / "nginx.pid"), "--error-log", str(tmp_path / "error.log"),
          "--nginx-conf", str(conf), "--listen", f"127.0.0.1:{sidecar_port}", "--poll", "100ms",
-         "--app-url", f"http://127.0.0.1:{upstream.port}/"],
+         "--app-url", f"http://127.0.0.1:{upstream.port}/", *caller_args],
         name="sidecar", log_dir=tmp_path)
     sidecar.start()
     try:
@@ -198,7 +201,7 @@ http {{
         assert answer is not None
         yield Pod(tmp_path, render, f"http://127.0.0.1:{port}",
                   f"http://127.0.0.1:{sidecar_port}", upstream, sidecar_port, nginx.pid,
-                  workers, int(json.loads(answer[1])["reloads"]))
+                  workers, int(json.loads(answer[1])["reloads"]), sidecar)
     finally:
         sidecar.stop()
         nginx.stop()

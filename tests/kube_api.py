@@ -1,6 +1,8 @@
 """An in-repo HTTP server that speaks the Kubernetes REST protocol for what `tuner` touches:
-Namespaces (get) and ConfigMaps (get, create, replace, merge patch, server-side apply,
-delete, list and watch), with resourceVersion optimistic concurrency, field managers for
+Namespaces (get), ConfigMaps (get, create, replace, merge patch, server-side apply,
+delete, list and watch) and TokenReviews (authentication.k8s.io/v1, from a table of tokens
+a test fills in: on a real API server the kubelet's projected tokens are reviewed), with
+resourceVersion optimistic concurrency, field managers for
 apply, and the real error shapes (a `Status` body with 400, 403, 404, 409, 422; a watch's
 410 Gone as an ERROR event). A watch streams its events chunked, as the real server does.
 
@@ -56,6 +58,10 @@ class KubeState:
         self.compacted_version = 0
         self.changed = threading.Condition(self.lock)  # notified on every event and on close
         self.closed = False  # the server is stopping: open watches end
+        #: token -> (username, audiences it was issued for), as the API's token authenticator
+        self.tokens: dict[str, tuple[str, list[str]]] = {}
+        #: what an empty spec.audiences stands for: the API server's own audience
+        self.api_audiences = ["https://kubernetes.default.svc.cluster.local"]
 
     def add_deployment(self, ns: str, name: str, replicas: int = 2) -> None:
         self.deployments[(ns, name)] = {
@@ -450,7 +456,39 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("delete")
 
     def do_POST(self) -> None:
+        if self.path.split("?")[0] == "/apis/authentication.k8s.io/v1/tokenreviews":
+            self._token_review()
+            return
         self._route("create")
+
+    def _token_review(self) -> None:
+        """As the real API: authenticated only when the token is known and issued for one of
+        the asked audiences (none asked: the API server's own); 403 when denied."""
+        review = self._body()
+        state = self.state
+        with state.lock:
+            state.requests.append(("create", self.path))
+            if ("create", "tokenreviews") in state.deny:
+                self._send(403, _status(
+                    403, "Forbidden", 'tokenreviews.authentication.k8s.io is forbidden: User '
+                    '"system:serviceaccount:tuner:tuner-sidecar" cannot create resource '
+                    '"tokenreviews" in API group "authentication.k8s.io" at the cluster scope'))
+                return
+            spec = review.get("spec") or {}
+            asked = spec.get("audiences") or state.api_audiences
+            known = state.tokens.get(spec.get("token") or "")
+            status: dict[str, Any] = {"authenticated": False}
+            if known is None:
+                status["error"] = "[invalid bearer token, square/go-jose: error in " \
+                                  "cryptographic primitive]"
+            elif not set(known[1]) & set(asked):
+                status["error"] = (f"[invalid bearer token, token audiences {known[1]} is "
+                                   f"invalid for the target audiences {asked}]")
+            else:
+                status = {"authenticated": True, "audiences": sorted(set(known[1]) & set(asked)),
+                          "user": {"username": known[0], "groups": ["system:serviceaccounts"]}}
+            self._send(201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                             "metadata": {}, "spec": spec, "status": status})
 
     def do_PUT(self) -> None:
         self._route("update")

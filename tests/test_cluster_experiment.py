@@ -36,6 +36,8 @@ NS = "tuner-demo"
 BASELINE = {"upstream-keepalive-timeout": "60", "upstream-keepalive-connections": "128",
             "app-keep-alive-timeout-ms": "5000", "generation": "0"}
 APP_KEY = "app-keep-alive-timeout-ms"
+#: the Job's projected token for the sidecars (audience tuner-sidecar), as a file
+JOB_TOKEN = "job-token-for-the-sidecars"
 
 
 @contextlib.contextmanager
@@ -48,6 +50,10 @@ def demo_pod(tmp_path: Path, state: KubeState, kubeconfig: Path) -> Iterator[Pod
         "metadata": {"name": "tuner-tuning", "namespace": NS,
                      "resourceVersion": state.next_version()}}
     state.add_deployment(NS, "demo-app", replicas=1)
+    # the sidecar asks the API server whose token the Job sends (TokenReview), as in the
+    # demo Deployment; the Job reads it from kubernetes.sidecar_token_file
+    state.tokens[JOB_TOKEN] = (f"system:serviceaccount:{NS}:tuner", ["tuner-sidecar"])
+    (tmp_path / "sidecar-token").write_text(JOB_TOKEN + "\n")
     # The restart runs on this thread, not the API server's request thread: the lab's
     # processes die with the thread that started them (PR_SET_PDEATHSIG), and a request
     # thread ends with its request.
@@ -62,7 +68,8 @@ def demo_pod(tmp_path: Path, state: KubeState, kubeconfig: Path) -> Iterator[Pod
 
     with start_pod(tmp_path, ["--configmap", f"{NS}/tuner-tuning", "--kubeconfig",
                               str(kubeconfig)], first_tuning=BASELINE,
-                   app_idle_s=int(BASELINE[APP_KEY]) / 1000) as pod:
+                   app_idle_s=int(BASELINE[APP_KEY]) / 1000,
+                   caller_args=["--caller-service-account", f"{NS}/tuner"]) as pod:
         def restarter() -> None:
             while (item := restarts.get()) is not None:
                 pod.app.set_idle(item[0])
@@ -88,7 +95,8 @@ def _spec(tmp_path: Path, pod: Pod) -> Path:
         "kubernetes": {"namespace": NS, "service_url": f"{pod.nginx_url}/",
                        "deployment": "demo-app", "sidecar_port": pod.sidecar_port,
                        "rollout_timeout": "10s", "sidecar_timeout": "10s",
-                       "api_retry_limit": "20s"}}))
+                       "api_retry_limit": "20s",
+                       "sidecar_token_file": str(tmp_path / "sidecar-token")}}))
     return path
 
 

@@ -36,8 +36,9 @@ def test_every_object_validates_against_the_schemas(demo: list[dict[str, Any]]) 
     assert kinds.count("ConfigMap") == 4 and "Job" in kinds and "Deployment" in kinds
     for doc in [*demo, *render(MANIFESTS / "base")]:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-    assert {doc["metadata"].get("namespace") for doc in demo if doc["kind"] != "Namespace"} \
-        == {"tuner-demo"}
+    cluster_scoped = ("Namespace", "ClusterRole", "ClusterRoleBinding")
+    assert {doc["metadata"].get("namespace") for doc in demo
+            if doc["kind"] not in cluster_scoped} == {"tuner-demo"}
 
 
 def _pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -62,16 +63,107 @@ def test_every_container_is_locked_down(demo: list[dict[str, Any]]) -> None:
 
 
 def test_rbac_is_namespaced_and_names_its_objects(demo: list[dict[str, Any]]) -> None:
-    assert not [doc for doc in demo if doc["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    # one exception: TokenReview is cluster-scoped, and the sidecar may create them only
+    (cluster_role,) = [doc for doc in demo if doc["kind"] == "ClusterRole"]
+    assert cluster_role["rules"] == [{"apiGroups": ["authentication.k8s.io"],
+                                      "resources": ["tokenreviews"], "verbs": ["create"]}]
+    (cluster_binding,) = [doc for doc in demo if doc["kind"] == "ClusterRoleBinding"]
+    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert cluster_binding["subjects"] == [{"kind": "ServiceAccount", "name": "tuner-sidecar",
+                                            "namespace": "tuner-demo"}]
     roles = [doc for doc in demo if doc["kind"] == "Role"]
     assert {role["metadata"]["name"] for role in roles} == {"tuner", "tuner-sidecar"}
-    for role in roles:
+    for role in [*roles, cluster_role]:
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"]
             if set(rule["verbs"]) & NAMEABLE_VERBS:
                 assert rule.get("resourceNames"), (role["metadata"]["name"], rule)
     bindings = {doc["metadata"]["name"]: doc for doc in demo if doc["kind"] == "RoleBinding"}
     assert bindings["tuner"]["subjects"][0]["name"] == "tuner"
+
+
+def _args(container: dict[str, Any]) -> dict[str, str]:
+    return dict(arg.removeprefix("--").partition("=")[::2] for arg in container["args"]
+                if arg.startswith("--"))
+
+
+def _token_mounts(pod: dict[str, Any]) -> dict[str, list[str]]:
+    """container name -> the volumes holding a ServiceAccount token it mounts."""
+    token_volumes = {volume["name"] for volume in pod.get("volumes", [])
+                     if any("serviceAccountToken" in source
+                            for source in volume.get("projected", {}).get("sources", []))}
+    return {c["name"]: [m["name"] for m in c.get("volumeMounts", [])
+                        if m["name"] in token_volumes] for c in pod["containers"]}
+
+
+def test_only_the_sidecar_holds_a_token_and_only_the_job_may_call_it(
+        demo: list[dict[str, Any]]) -> None:
+    """The app container gets no ServiceAccount token; the sidecar gets its API token by a
+    projected volume; the Job sends a token for the audience the sidecar checks, of the
+    ServiceAccount the sidecar accepts, from the file the runner reads."""
+    from tuner.kube.target import ClusterTarget
+
+    pods = dict(_pod_specs(demo))
+    app_pod, job_pod = pods["demo-app"], pods["tuner-experiment"]
+    (sidecar_sa,) = [d for d in demo if d["kind"] == "ServiceAccount"
+                     and d["metadata"]["name"] == app_pod["serviceAccountName"]]
+    assert app_pod["automountServiceAccountToken"] is False
+    assert sidecar_sa["automountServiceAccountToken"] is False
+    assert _token_mounts(app_pod) == {"app": [], "nginx": [],
+                                      "tuner-sidecar": ["sidecar-api-token"]}
+    (api_token,) = [v for v in app_pod["volumes"] if v["name"] == "sidecar-api-token"]
+    (mount,) = [m for c in app_pod["containers"] for m in c.get("volumeMounts", [])
+                if m["name"] == "sidecar-api-token"]
+    # where the kubernetes client's in-cluster config reads token, ca.crt and namespace
+    assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    paths = {item["path"] for source in api_token["projected"]["sources"]
+             for item in ([source["serviceAccountToken"]] if "serviceAccountToken" in source
+                          else source.get("configMap", source.get("downwardAPI", {}))["items"])}
+    assert paths == {"token", "ca.crt", "namespace"}
+
+    (sidecar,) = [c for c in app_pod["containers"] if c["name"] == "tuner-sidecar"]
+    args = _args(sidecar)
+    assert args["caller-service-account"] == f"$(POD_NAMESPACE)/{job_pod['serviceAccountName']}"
+    assert "allow-unauthenticated" not in args and "token-file" not in args
+    (job_token,) = [v for v in job_pod["volumes"] if v["name"] == "sidecar-token"]
+    (source,) = job_token["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == args["token-audience"]
+    (job_mount,) = [m for m in job_pod["containers"][0]["volumeMounts"]
+                    if m["name"] == "sidecar-token"]
+    assert f"{job_mount['mountPath']}/{source['serviceAccountToken']['path']}" == \
+        ClusterTarget.sidecar_token_file
+
+
+def test_the_network_policy_fences_the_sidecar_port(demo: list[dict[str, Any]]) -> None:
+    """Only the Job's pods and the monitoring namespace reach the sidecar; the Service's
+    port stays open; nothing else is let in."""
+    (policy,) = [d for d in demo if d["kind"] == "NetworkPolicy"]
+    pods = dict(_pod_specs(demo))
+    (deployment,) = [d for d in demo if d["kind"] == "Deployment"]
+    (job,) = [d for d in demo if d["kind"] == "Job"]
+    app_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= app_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (sidecar,) = [c for c in pods["demo-app"]["containers"] if c["name"] == "tuner-sidecar"]
+    sidecar_port = int(_args(sidecar)["listen"].rpartition(":")[2])
+    (service,) = [d for d in demo if d["kind"] == "Service"]
+    proxy_ports = {port["targetPort"] for port in service["spec"]["ports"]}
+    by_port: dict[int, list[Any]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            by_port.setdefault(port["port"], []).append(rule.get("from"))
+    assert set(by_port) == proxy_ports | {sidecar_port}
+    for port in proxy_ports:
+        assert by_port[port] == [None]  # from anywhere: the Service's clients
+    (peers,) = by_port[sidecar_port]
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    pod_peers = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
+    namespace_peers = [p["namespaceSelector"]["matchLabels"] for p in peers
+                       if "namespaceSelector" in p]
+    assert len(peers) == 2 and all(len(p) == 1 for p in peers)  # no pod AND namespace mix
+    assert pod_peers and all(labels.items() <= job_labels.items() for labels in pod_peers)
+    assert not any(labels.items() <= app_labels.items() for labels in pod_peers)
+    assert namespace_peers == [{"kubernetes.io/metadata.name": "monitoring"}]
 
 
 def test_the_job_is_bounded(demo: list[dict[str, Any]]) -> None:

@@ -40,17 +40,29 @@ def test_log_counters_match_the_502s_of_a_race_hunting_load(pod: Pod) -> None:
     plan = BurstPlan(url=f"{pod.nginx_url}/orders", burst_size=30, n_bursts=12, max_seconds=35,
                      gaps_s=straddling_gaps(2.0, below_s=0.01, above_s=0.01, n_steps=11))
     report = run_bursts(plan)
-    time.sleep(0.5)  # the sidecar polls every 100 ms
-    after = pod.status(since=int(str(before["log_offset"])))
-    since = after["signatures_since"]
-    assert isinstance(since, dict)
     assert report.counts.n_502 >= 1
+    mark = int(str(before["log_offset"]))
+
+    def counted() -> dict[str, int]:
+        since = pod.status(since=mark)["signatures_since"]
+        assert isinstance(since, dict)
+        return since
+    # nginx writes its error lines as it answers; the sidecar counts every 100 ms
+    deadline = time.monotonic() + 5
+    while n_races(since := counted()) < report.counts.n_502 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert n_races(since) == report.counts.n_502  # one [error] line per POST that got 502
-    metrics = httpx.get(f"{pod.sidecar_url}/metrics").text
+
+    def metrics_total() -> tuple[str, int]:
+        metrics = httpx.get(f"{pod.sidecar_url}/metrics").text
+        return metrics, sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                            if line.startswith("tuner_proxy_log_signatures_total")
+                            and 'kind="connect_refused"' not in line)
+    deadline = time.monotonic() + 5
+    while (got := metrics_total())[1] < report.counts.n_502 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    metrics, total = got
     assert 'tuner_setting_seconds{setting="upstream-keepalive-timeout"} 60' in metrics
-    total = sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                if line.startswith("tuner_proxy_log_signatures_total")
-                and 'kind="connect_refused"' not in line)
     assert total == report.counts.n_502
 
 
@@ -63,8 +75,9 @@ def test_a_changed_tuning_is_rendered_reloaded_and_measurable(pod: Pod) -> None:
     assert measured.idle_close_s is not None and 1.4 < measured.idle_close_s < 1.9
 
     set_tuning(pod, upstream_keepalive_timeout="forever", generation="3")
-    time.sleep(1.0)
-    status = pod.status()
+    deadline = time.monotonic() + 5
+    while not (status := pod.status())["error"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert status["generation"] == "2"  # the last good tuning stays in force
     assert "upstream-keepalive-timeout: 'forever' is not a duration" in str(status["error"])
     assert "tuner_tuning_error 1" in httpx.get(f"{pod.sidecar_url}/metrics").text

@@ -61,7 +61,7 @@ def bare_sidecar(tmp_path: Path, kubeconfig: Path, *, watch_timeout: str = "5s"
         [*TUNER, "sidecar", *_watch_args(kubeconfig, watch_timeout),
          "--render-dir", str(tmp_path / "render"), "--nginx-pid", str(tmp_path / "nginx.pid"),
          "--error-log", str(tmp_path / "error.log"), "--listen", f"127.0.0.1:{port}",
-         "--poll", "100ms"], name="sidecar", log_dir=tmp_path)
+         "--poll", "100ms", "--allow-unauthenticated"], name="sidecar", log_dir=tmp_path)
     sidecar.start()
     try:
         sidecar.wait_ready(lambda: http_get(port, "/status") is not None, timeout_s=20,

@@ -113,14 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_lab(commands: _Commands) -> None:
     lab = commands.add_parser("lab", help="run a real proxy in front of a real upstream locally",
                               description="The local lab: a real nginx or HAProxy in front of "
-                                          "a real upstream server, on 127.0.0.1.")
+                                          "a real upstream server, on 127.0.0.1. It binds "
+                                          "loopback only: nothing it starts listens on another "
+                                          "interface.")
     lab_commands = lab.add_subparsers(dest="lab_command", metavar="SUBCOMMAND", required=True)
     up = lab_commands.add_parser(
         "up", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="start the lab and keep it up until Ctrl-C",
-        description="Start a proxy in front of an upstream on 127.0.0.1 (ports chosen by the "
-                    "OS), with both idle timeouts set, print their URLs, and stay up until "
-                    "Ctrl-C or SIGTERM; then stop every process and remove the lab's files.",
+        description="Start a proxy in front of an upstream on 127.0.0.1 (ports chosen by the\n"
+                    "OS), with both idle timeouts set, print their URLs, and stay up until\n"
+                    "Ctrl-C or SIGTERM; then stop every process and remove the lab's files.\n\n"
+                    "Loopback only: the proxy and the built-in upstreams bind 127.0.0.1 and\n"
+                    "nothing else, so no other machine can reach the lab (Locust's master,\n"
+                    "with workers, binds 127.0.0.1 too). An --upstream-cmd server must listen\n"
+                    "on 127.0.0.1:{port}; the lab waits for that address, but cannot stop\n"
+                    "your command from binding others as well.",
         epilog="examples:\n"
                "  tuner lab up --proxy nginx --upstream node --proxy-idle 60s --upstream-idle 2s\n"
                "  tuner lab up --proxy haproxy --upstream uvicorn --upstream-idle 5s --json\n"
@@ -359,16 +366,26 @@ def _add_sidecar(commands: _Commands) -> None:
                     "SIGHUP, tails its error log, and serves /metrics (Prometheus) and /status\n"
                     "(JSON; ?since=OFFSET for counters of the log after a mark). An invalid\n"
                     "tuning is never applied, and a source that cannot be read (API down,\n"
-                    "forbidden, ConfigMap missing) keeps the last good one: /status says why.",
+                    "forbidden, ConfigMap missing) keeps the last good one: /status says why.\n\n"
+                    "/metrics and /status are open; /probe (which opens connections to the\n"
+                    "app) and /status's mark and ?since answer one caller, named by exactly\n"
+                    "one of --caller-service-account, --token-file or --allow-unauthenticated.\n"
+                    "Every endpoint is bounded: /probe takes samples 1-10 and max_idle up to\n"
+                    "1h, one probe at a time (else 429 with Retry-After); a malformed query is\n"
+                    "a 400 naming the value; 8 worker threads, and a request head must arrive\n"
+                    "within 5 s, so slow clients cannot hold the server (tunings are applied\n"
+                    "on a thread of their own).",
         epilog="examples:\n"
                "  # outside Kubernetes, with a local nginx and a directory of one file per key\n"
                "  tuner sidecar --tuning-dir ./tuning --render-dir /etc/nginx/tuner \\\n"
                "      --nginx-pid /run/nginx.pid --error-log /var/log/nginx/error.log \\\n"
-               "      --nginx-conf /etc/nginx/nginx.conf --listen 127.0.0.1:9901\n"
+               "      --nginx-conf /etc/nginx/nginx.conf --listen 127.0.0.1:9901 \\\n"
+               "      --allow-unauthenticated\n"
                "  # in the pod (manifests/overlays/demo): watch the ConfigMap through the API\n"
                "  tuner sidecar --configmap tuner-demo/tuner-tuning \\\n"
                "      --render-dir /etc/nginx/tuner --nginx-pid /tmp/nginx.pid \\\n"
-               "      --error-log /var/log/nginx/error.log --app-url http://127.0.0.1:3000/\n\n"
+               "      --error-log /var/log/nginx/error.log --app-url http://127.0.0.1:3000/ \\\n"
+               "      --listen 0.0.0.0:9901 --caller-service-account tuner-demo/tuner\n\n"
                + EXIT_CODES)
     source = sidecar.add_argument_group("tuning source (exactly one)")
     source.add_argument("--tuning-dir", metavar="DIR",
@@ -391,7 +408,24 @@ def _add_sidecar(commands: _Commands) -> None:
     sidecar.add_argument("--app-url", metavar="URL",
                          help="the app beside nginx in the pod (e.g. http://127.0.0.1:3000/), "
                               "for GET /probe")
-    sidecar.add_argument("--listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    sidecar.add_argument("--listen", default="127.0.0.1:9901", metavar="HOST:PORT",
+                         help="where to serve (default 127.0.0.1:9901: loopback only; in a pod "
+                              "0.0.0.0:9901, fenced by the NetworkPolicy and the caller check)")
+    callers = sidecar.add_argument_group("who may call /probe and /status?since (exactly one)")
+    callers.add_argument("--caller-service-account", metavar="NAMESPACE/NAME",
+                         help="only bearer tokens of this ServiceAccount (the tuner Job's), "
+                              "checked with the API's TokenReview (RBAC: create on "
+                              "tokenreviews); uses --kubeconfig/--context")
+    callers.add_argument("--token-audience", default="tuner-sidecar", metavar="AUDIENCE",
+                         help="with --caller-service-account: the audience the token must be "
+                              "issued for (default tuner-sidecar, as the Job's projected token; "
+                              "'' accepts API tokens, which the sidecar could replay)")
+    callers.add_argument("--token-file", metavar="PATH",
+                         help="only the bearer token in this file (a shared secret; re-read "
+                              "when it changes)")
+    callers.add_argument("--allow-unauthenticated", action="store_true",
+                         help="anyone who can connect (the local lab); refused unless --listen "
+                              "is a loopback address")
     sidecar.add_argument("--poll", type=_duration("--poll"), default=0.5, metavar="DURATION")
     sidecar.set_defaults(handler=cmd_sidecar)
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tuner.experiment.runner import ExperimentRun
     from tuner.experiment.spec import ExperimentSpec
     from tuner.findings import Findings
+    from tuner.sidecar_auth import CallerCheck
 
 EXIT_UNSAFE = 6
 EXIT_INSUFFICIENT = 8
@@ -303,10 +304,12 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         raise ConfigError("give exactly one tuning source: --tuning-dir DIR (the ConfigMap "
                           "mounted as a volume) or --configmap NAMESPACE/NAME (watched through "
                           "the Kubernetes API)")
-    if args.tuning_dir is not None and (args.kubeconfig or args.context
-                                        or args.watch_timeout is not None):
-        raise ConfigError("--kubeconfig, --context and --watch-timeout go with --configmap, "
-                          "not --tuning-dir")
+    if args.tuning_dir is not None and args.watch_timeout is not None:
+        raise ConfigError("--watch-timeout goes with --configmap, not --tuning-dir")
+    if args.tuning_dir is not None and args.caller_service_account is None and (
+            args.kubeconfig or args.context):
+        raise ConfigError("--kubeconfig, --context and --watch-timeout go with --configmap "
+                          "(or --caller-service-account), not --tuning-dir alone")
     if args.watch_timeout is not None and args.watch_timeout < 1:
         raise ConfigError(f"--watch-timeout {args.watch_timeout:g}s is too short: the API "
                           "counts a watch's timeout in whole seconds; give 1s or more")
@@ -325,18 +328,20 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             timeout_s=args.watch_timeout or WATCH_TIMEOUT_S)
     else:
         source = TuningDir(Path(args.tuning_dir))
+    callers = _sidecar_callers(args, host)
     sidecar = Sidecar(SidecarPaths(
         render_dir=Path(args.render_dir),
         nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
         nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
         app_url=args.app_url), poll_s=args.poll, source=source)
     try:
-        server = sidecar.serve(host, int(port))
+        server = sidecar.serve(host.strip("[]"), int(port), callers=callers)
     except OSError as exc:
         raise ConfigError(f"--listen {args.listen}: {exc.strerror or exc}") from exc
-    listen = f"{host}:{server.server_address[1]}"  # the port the OS chose for port 0
+    listen = f"{host}:{server.address[1]}"  # the port the OS chose for port 0
     print(f"sidecar serving http://{listen}/metrics and /status; tuning from "
-          f"{f'ConfigMap {args.configmap} (watched)' if watch else args.tuning_dir}", flush=True)
+          f"{f'ConfigMap {args.configmap} (watched)' if watch else args.tuning_dir}; /probe "
+          f"and /status?since answer {callers.describe()}", flush=True)
     try:
         if watch is not None:
             watch.start()
@@ -344,8 +349,55 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     finally:
         if watch is not None:
             watch.stop()
-        server.shutdown()
+        server.stop()
     return 0
+
+
+def _sidecar_callers(args: argparse.Namespace, host: str) -> CallerCheck:
+    """Who may call /probe and /status?since: exactly one of the three ways."""
+    import ipaddress
+
+    from tuner.sidecar_auth import AnyCaller, ServiceAccountCaller, SharedToken
+
+    given = [flag for flag, value in (
+        ("--caller-service-account", args.caller_service_account),
+        ("--token-file", args.token_file),
+        ("--allow-unauthenticated", args.allow_unauthenticated or None)) if value is not None]
+    if args.caller_service_account is None and args.token_audience != "tuner-sidecar":
+        raise ConfigError("--token-audience goes with --caller-service-account")
+    if len(given) != 1:
+        raise ConfigError(
+            "say who may call /probe and /status?since with exactly one of "
+            "--caller-service-account NAMESPACE/NAME (in a cluster: the tuner Job's, checked "
+            "with TokenReview), --token-file PATH (a shared secret) or "
+            "--allow-unauthenticated (with a loopback --listen only)"
+            + (f"; got {' and '.join(given)}" if given else ""))
+    if args.allow_unauthenticated:
+        try:
+            is_loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            is_loopback = host == "localhost"
+        if not is_loopback:
+            raise ConfigError(
+                f"--allow-unauthenticated with --listen {args.listen}: anyone who reaches "
+                "that address could make the sidecar open connections to the app; listen on "
+                "127.0.0.1 (or ::1), or give --caller-service-account or --token-file")
+        return AnyCaller()
+    if args.token_file is not None:
+        path = Path(args.token_file)
+        if not path.is_file() or not path.read_bytes().strip():
+            raise ConfigError(f"--token-file {path} is not a file with a token in it")
+        return SharedToken(path)
+    from tuner.kube.client import connect
+    from tuner.kube.tokenreview import token_reviewer
+    from tuner.kube.watch import parse_configmap_ref
+
+    namespace, name = parse_configmap_ref(args.caller_service_account,
+                                          flag="--caller-service-account")
+    reviewer = token_reviewer(connect(kubeconfig=args.kubeconfig, context=args.context),
+                              audience=args.token_audience)
+    return ServiceAccountCaller(reviewer, namespace=namespace, name=name,
+                                audience=args.token_audience)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ closes: its idle age is then just under the measured close time, and it must be 
 from __future__ import annotations
 
 import http.client
+import math
 import selectors
 import socket
 import ssl
@@ -198,10 +199,13 @@ def parse_keep_alive_timeout(header: str | None) -> float | None:
 class _Conn:
     """One probe connection and what happened to it."""
 
-    def __init__(self, target: ProbeTarget) -> None:
+    def __init__(self, target: ProbeTarget, *, until: float = math.inf) -> None:
         self.target = target
+        #: time.monotonic() by which the whole probe must end (its total deadline)
+        self.until = until
         try:
-            raw = socket.create_connection((target.host, target.port), timeout=CONNECT_TIMEOUT_S)
+            raw = socket.create_connection((target.host, target.port),
+                                           timeout=self.timeout_s(CONNECT_TIMEOUT_S))
         except OSError as exc:
             raise ProbeError(
                 f"cannot connect to {target.host}:{target.port} ({target.url}): "
@@ -225,11 +229,18 @@ class _Conn:
         self.closed_at: float | None = None
         self.close_kind = "none"
 
+    def timeout_s(self, limit_s: float) -> float:
+        """`limit_s`, or less when the probe's total deadline comes first."""
+        left_s = self.until - time.monotonic()
+        if left_s <= 0:
+            raise _deadline_passed(self.target)
+        return min(limit_s, left_s)
+
     def round_trip(self) -> http.client.HTTPResponse:
         """Send the request and read the whole response, blocking; OSError/HTTPException
         when the server does not answer."""
         self.sock.setblocking(True)
-        self.sock.settimeout(RESPONSE_TIMEOUT_S)
+        self.sock.settimeout(self.timeout_s(RESPONSE_TIMEOUT_S))
         self.sock.sendall(self.target.request_bytes())
         response = http.client.HTTPResponse(self.sock, method=self.target.method)
         response.begin()
@@ -275,6 +286,11 @@ class _Conn:
         self.sock.close()
 
 
+def _deadline_passed(target: ProbeTarget) -> ProbeError:
+    return ProbeError(f"probing {target.url} did not finish within its total deadline: the "
+                      "server answered too slowly; probe again with a longer --max-idle")
+
+
 def _reuse(conn: _Conn) -> tuple[bool, int | None]:
     """Send one more request on an idle connection: (served, status)."""
     try:
@@ -285,17 +301,21 @@ def _reuse(conn: _Conn) -> tuple[bool, int | None]:
 
 def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
           stagger_s: float = DEFAULT_STAGGER_S,
-          on_progress: Callable[[float, int], None] | None = None) -> ProbeResult:
-    """Measure how long `target` keeps idle keep-alive connections; see the module doc."""
+          on_progress: Callable[[float, int], None] | None = None,
+          deadline_s: float | None = None) -> ProbeResult:
+    """Measure how long `target` keeps idle keep-alive connections; see the module doc.
+    With `deadline_s`, the whole probe ends within that (a ProbeError if it could not
+    finish), however slowly the server answers."""
     if n_samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {n_samples}")
     started = time.monotonic()
+    until = math.inf if deadline_s is None else started + deadline_s
     conns: list[_Conn] = []
     checker: _Conn | None = None
     try:
         for _ in range(n_samples):
-            conns.append(_Conn(target))
-        checker = _Conn(target)
+            conns.append(_Conn(target, until=until))
+        checker = _Conn(target, until=until)
         for conn in conns:
             conn.exchange()
         if not all(conn.kept_alive for conn in conns):
@@ -341,7 +361,9 @@ def _watch(conns: list[_Conn], checker: _Conn, *, max_idle_s: float,
             samples_done = n_open == 0 or now >= deadline
             if samples_done and check.is_done(now):
                 break
-            until = check.reply_deadline if samples_done else deadline
+            if now >= checker.until:
+                raise _deadline_passed(checker.target)
+            until = min(check.reply_deadline if samples_done else deadline, checker.until)
             for key, _ in selector.select(timeout=min(1.0, max(0.0, until - now))):
                 watched: _Conn = key.data
                 if watched is checker:

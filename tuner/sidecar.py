@@ -5,13 +5,16 @@ Kubernetes mounts a ConfigMap: a file per key, polled), or the Kubernetes API
 (`--configmap NAMESPACE/NAME`, watched by tuner.kube.watch: a change arrives in well under
 a second instead of the kubelet's 60-90 s). It renders nginx include files from it, reloads
 nginx with SIGHUP (its pid from the pid file; the pod shares its process namespace), tails
-nginx's error log from a shared volume, and serves:
+nginx's error log from a shared volume, and serves (tuner.sidecar_api, on the bounded
+server of tuner.boundedhttp; who may call what: tuner.sidecar_auth):
   /metrics  Prometheus text: race signatures by kind, the settings in force, the generation
-  /status   JSON: the generation applied, the settings, counters since start, and with
-            ?since=OFFSET the counters of the log written after that offset
+  /status   JSON: the generation applied, the settings, counters since start; for the Job
+            also the log's mark, and with ?since=OFFSET the counters after that mark
   /probe    with --app-url: `tuner probe` of the app beside it in the pod (?samples=3
             &max_idle=60s), so a runner outside the pod learns the app's real close time
 Outside Kubernetes it works the same against a local nginx with file paths (the tests).
+The tuning is applied on the thread that runs `run()`, never on a thread of the HTTP
+server: no client, however slow or many, holds up a tuning or an nginx reload.
 
 Design decision: a tuning that fails validation (or that `nginx -t` rejects) is never
 applied; the last good one stays in force and /status shows the error, so a typo in the
@@ -22,7 +25,6 @@ and shows why in /status.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,23 +33,22 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
 
 from tuner.analysis.signatures import count_nginx_signatures
+from tuner.boundedhttp import DEFAULT_LIMITS, BoundedHTTPServer, Limits
 from tuner.durations import nginx_time, parse_duration
 from tuner.errors import ConfigError
 from tuner.lab.errorlog import ErrorLog
+from tuner.sidecar_api import SidecarAPI
+from tuner.sidecar_auth import CallerCheck
 
 #: ConfigMap keys, named as in the ingress-nginx controller ConfigMap
 KEY_UPSTREAM_IDLE = "upstream-keepalive-timeout"
 KEY_UPSTREAM_CONNS = "upstream-keepalive-connections"
 KEY_CLIENT_IDLE = "keep-alive"
 KEY_GENERATION = "generation"
-#: /probe holds its HTTP request open for one idle period; this bounds it
-MAX_PROBE_IDLE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -140,18 +141,15 @@ class SidecarState:
     signatures: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def status(self, log: ErrorLog, since: int | None) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """What anyone who may reach /status sees (tuner.sidecar_api adds the Job's part)."""
         with self.lock:
-            document: dict[str, Any] = {
+            return {
                 "generation": self.applied.generation if self.applied else None,
                 "settings": asdict(self.applied) if self.applied else None,
                 "applied_at": self.applied_at, "error": self.describe_error(),
                 "reloads": self.n_reloads, "in_force": self.in_force,
-                "signatures": dict(self.signatures),
-                "log_offset": log.mark()}
-        if since is not None:
-            document["signatures_since"] = dict(count_nginx_signatures(log.lines_since(since)))
-        return document
+                "signatures": dict(self.signatures)}
 
     def describe_error(self) -> str | None:
         """Both problems, the source's first (the caller holds the lock)."""
@@ -276,64 +274,12 @@ class Sidecar:
                     "rendering is in place for its next start")
         return None
 
-    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
-        sidecar = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                url = urlsplit(self.path)
-                if url.path == "/metrics":
-                    body, kind = sidecar.state.metrics().encode(), "text/plain; version=0.0.4"
-                elif url.path == "/probe":
-                    code, document = sidecar.probe_app(parse_qs(url.query))
-                    body, kind = json.dumps(document).encode(), "application/json"
-                    self.send_response(code)
-                    self.send_header("Content-Type", kind)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                elif url.path == "/status":
-                    since = parse_qs(url.query).get("since")
-                    document = sidecar.state.status(
-                        sidecar.log, int(since[0]) if since and since[0].isdigit() else None)
-                    body, kind = json.dumps(document).encode(), "application/json"
-                else:
-                    self.send_error(404, "try /metrics or /status")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
-
-    def probe_app(self, query: Mapping[str, list[str]]) -> tuple[int, dict[str, Any]]:
-        """Measure the app's real idle close time from inside the pod."""
-        from tuner.errors import ProbeError, TunerError
-        from tuner.probe import parse_target, probe
-
-        if self.paths.app_url is None:
-            return 404, {"error": "start the sidecar with --app-url to probe the app"}
-        try:
-            samples = int((query.get("samples") or ["3"])[0])
-            max_idle_s = min(MAX_PROBE_IDLE_S, parse_duration(
-                (query.get("max_idle") or ["60s"])[0], what="max_idle"))
-            result = probe(parse_target(self.paths.app_url), n_samples=samples,
-                           max_idle_s=max_idle_s)
-        except ProbeError as exc:  # the app beside us, not the request: a gateway's 502
-            return 502, {"error": str(exc)}
-        except (TunerError, ValueError) as exc:
-            return 400, {"error": str(exc)}
-        document = result.as_json()
-        document["effective_close_s"] = result.effective_close_s
-        return 200, document
+    def serve(self, host: str, port: int, *, callers: CallerCheck,
+              limits: Limits = DEFAULT_LIMITS) -> BoundedHTTPServer:
+        """Serve /metrics, /status and /probe on a bounded server (started)."""
+        api = SidecarAPI(state=self.state, error_log=self.paths.error_log,
+                         app_url=self.paths.app_url, callers=callers)
+        return BoundedHTTPServer(host, port, api.handle, limits=limits).start()
 
     def run(self) -> None:
         """Poll until stopped (SIGTERM and Ctrl-C end the CLI's process)."""

@@ -290,7 +290,8 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
         cluster.wait_generation(urls, generation)
         max_idle_s = probe_max_idle_s(key.upstream_idle_s)
         measured = sidecar_get(urls[0], "/probe", timeout_s=max_idle_s + 60,
-                               samples=PROBE_SAMPLES, max_idle=f"{max_idle_s:g}s")
+                               token=cluster.sidecar_token(), samples=PROBE_SAMPLES,
+                               max_idle=f"{max_idle_s:g}s")
         close_s = measured.get("effective_close_s")
         trial = trial.with_(upstream_close_s=close_s,
                             upstream_advertised_s=measured.get("advertised_s"),
@@ -307,7 +308,8 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
                 target.generation_key: generation})
             cluster.wait_generation(urls, generation)
         gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
-        marks = {url: int(sidecar_get(url, "/status")["log_offset"]) for url in urls}
+        marks = {url: int(sidecar_get(url, "/status", token=cluster.sidecar_token())[
+            "log_offset"]) for url in urls}
     except KubeWaitTimeout as exc:
         raise InvalidTrial(str(exc), trial) from exc
     except InvalidTrial as exc:
@@ -318,7 +320,7 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
     statuses, problem = [], None
     for url, mark in marks.items():
         try:
-            status = sidecar_get(url, "/status", since=mark)
+            status = sidecar_get(url, "/status", token=cluster.sidecar_token(), since=mark)
         except KubeWaitTimeout as exc:
             problem = (f"the sidecar at {url} went away during the trial ({exc}): its pod "
                        "restarted, and what its proxy saw is lost")

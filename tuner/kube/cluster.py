@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -141,19 +142,37 @@ class Cluster:
             self.core, self.target.namespace, self.target.pod_selector, host=self.host,
             context=self.context))
 
+    def sidecar_token(self) -> str | None:
+        """The bearer token for the sidecars, read at each call (the kubelet rotates it):
+        the target's token file, or where there is none the kubeconfig's bearer token."""
+        try:
+            return Path(self.target.sidecar_token_file).read_text().strip() or None
+        except FileNotFoundError:
+            pass
+        configuration = self.core.api_client.configuration
+        # the client's loaders name the key "BearerToken" (older ones "authorization"); the
+        # call runs the in-cluster loader's refresh hook
+        bearer = (configuration.get_api_key_with_prefix("BearerToken")
+                  or configuration.get_api_key_with_prefix("authorization"))
+        scheme, _, token = (bearer or "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
     def wait_generation(self, urls: list[str], generation: str) -> None:
         wait_sidecars(urls, generation, timeout_s=self.target.sidecar_timeout_s,
                       poll_s=min(self.poll_s, 0.5))
 
 
-def sidecar_get(url: str, path: str, *, timeout_s: float = 10.0,
+def sidecar_get(url: str, path: str, *, timeout_s: float = 10.0, token: str | None = None,
                 **query: object) -> dict[str, Any]:
-    """GET a sidecar's JSON endpoint. KubeWaitTimeout if it cannot be read now (the trial
-    that needed it fails, the experiment goes on); SidecarRefused if it refuses (4xx: set
-    up wrong, every trial would fail the same way)."""
+    """GET a sidecar's JSON endpoint, with `token` as the bearer token. KubeWaitTimeout if
+    it cannot be read now (the trial that needed it fails, the experiment goes on);
+    SidecarRefused if it refuses (4xx: set up wrong, every trial would fail the same way;
+    401/403: the token is not one the sidecar accepts)."""
     full = f"{url}{path}" + (f"?{urlencode(query)}" if query else "")
+    request = urllib.request.Request(
+        full, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(full, timeout=timeout_s) as answer:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
             document: dict[str, Any] = json.load(answer)
             return document
     except urllib.error.HTTPError as exc:
@@ -162,6 +181,10 @@ def sidecar_get(url: str, path: str, *, timeout_s: float = 10.0,
         except ValueError:
             why = exc.reason
         message = f"the sidecar at {url} answered {path} with {exc.code}: {why}"
+        if exc.code in (401, 403):
+            message += (" (the Job sends its token from kubernetes.sidecar_token_file; the "
+                        "sidecar's --caller-service-account must name the Job's "
+                        "ServiceAccount, and both must agree on the audience)")
         if exc.code >= 500:  # it could not do it now (the app beside it is down): retry-able
             raise KubeWaitTimeout(message) from exc
         raise SidecarRefused(message) from exc

@@ -15,6 +15,7 @@
       rollout_timeout: 5m                   # a rollout slower than this fails its trial
       sidecar_timeout: 3m                   # so does a sidecar that never applies a trial
       api_retry_limit: 2m                   # API server unreachable this long: give up
+      sidecar_token_file: /var/run/secrets/tuner/sidecar/token   # sent to /probe, /status
 
 Design decision: only names and limits live here, never a client; the section is stored
 with the spec, so a resumed Job aims at exactly the objects the first one did.
@@ -54,6 +55,10 @@ class ClusterTarget:
     #: how long an unreachable API server is waited for (an upgrade of a managed control
     #: plane can take a minute or two) before the experiment stops
     api_retry_limit_s: float = 120.0
+    #: the bearer token the sidecars check (tuner.sidecar_auth): the Job's projected token
+    #: for audience tuner-sidecar; where there is no such file (outside a pod), the
+    #: kubeconfig's bearer token is sent instead
+    sidecar_token_file: str = "/var/run/secrets/tuner/sidecar/token"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +120,11 @@ def parse_cluster_target(value: object) -> dict[str, Any]:
             if url.scheme not in ("http", "https") or not url.hostname:
                 raise ConfigError(f"{where}: {item!r} is not an http:// or https:// URL of "
                                   "the Service, e.g. http://demo-app.tuner-demo.svc/")
+            result[key] = item
+        elif key == "sidecar_token_file":
+            if not item.startswith("/"):
+                raise ConfigError(f"{where}: {item!r} must be an absolute path, e.g. "
+                                  "/var/run/secrets/tuner/sidecar/token")
             result[key] = item
         elif key in _KEYS or key == "pod_selector":
             if not item.strip():

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from tuner.analysis.stopping import StopRule
 from tuner.errors import ConfigError, LoadError
-from tuner.lab.process import ManagedProcess, held_signals
+from tuner.lab.process import LOOPBACK, ManagedProcess, held_signals, pick_free_port
 from tuner.load.methods import parse_method_mix
 
 #: time for Locust to start (and fork workers) and to stop, on top of a trial's budget
@@ -57,8 +57,9 @@ class LocustPlan:
                               f"{self.workers} >= 0, max_seconds {self.max_seconds:g} > 0")
 
 
-def locust_argv(plan: LocustPlan, *, results_path: Path) -> list[str]:
-    """The Locust command line for `plan` (pure)."""
+def locust_argv(plan: LocustPlan, *, results_path: Path, master_port: int = 5557) -> list[str]:
+    """The Locust command line for `plan` (pure); with workers, its master listens on
+    127.0.0.1:`master_port` (Locust's default is every interface, port 5557)."""
     module = resources.files("tuner.load").joinpath("locust_keepalive.py")
     # Locust sends nothing at all to a --host with a path, even a bare "/" (measured:
     # http://127.0.0.1:PORT/ gave 0 requests, without the slash 240): the URL's path goes
@@ -78,7 +79,9 @@ def locust_argv(plan: LocustPlan, *, results_path: Path) -> list[str]:
     if plan.loosen_ms:
         argv += ["--tuner-loosen-ms", f"{plan.loosen_ms:g}"]
     if plan.workers > 0:
-        argv += ["--processes", str(plan.workers)]
+        # the workers are forked on this machine: nothing else may join as a worker
+        argv += ["--processes", str(plan.workers), "--master-bind-host", LOOPBACK,
+                 "--master-bind-port", str(master_port), "--master-port", str(master_port)]
     return argv + list(plan.locust_args)
 
 
@@ -90,8 +93,9 @@ def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
                         "it with `pip install locust` (or `pip install -e .`)")
     results_path = workdir / f"{name}-results.json"
     results_path.unlink(missing_ok=True)
-    process = ManagedProcess(locust_argv(plan, results_path=results_path), name=name,
-                             log_dir=workdir)
+    argv = locust_argv(plan, results_path=results_path,
+                       master_port=pick_free_port() if plan.workers > 0 else 5557)
+    process = ManagedProcess(argv, name=name, log_dir=workdir)
     process.start()
     deadline = time.monotonic() + plan.max_seconds + STARTUP_AND_STOP_S
     started = time.monotonic()
