@@ -1,5 +1,5 @@
 # The two commands of the README. Each installs what is missing first (scripts/setup).
-.PHONY: demo test lint setup setup-test k8s-binaries cluster cluster-down
+.PHONY: demo test lint setup setup-test k8s-binaries cluster cluster-down image e2e
 
 setup:
 	@./scripts/setup
@@ -30,3 +30,11 @@ cluster:
 
 cluster-down:
 	@python3 scripts/cluster.py down
+
+# Tier 3: the tuner image, built with podman from a local Debian base (no registry); then
+# the end-to-end tests (e2e/): the demo pod from those images (root needed).
+image:
+	@./scripts/image/build
+
+e2e: setup-test k8s-binaries image
+	.venv/bin/pytest e2e
