@@ -103,7 +103,10 @@ CLIENT = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n
          "extendedKeyUsage=clientAuth\n"
 
 
-def make_pki(pki: Path) -> None:
+NODE_NAME = "tuner-node"
+
+
+def make_pki(pki: Path, *, extra_ips: tuple[str, ...] = ()) -> None:
     """The cluster CA, the apiserver's serving certificate, client certificates for the admin
     (system:masters), the controller-manager and the scheduler (the users the bootstrap
     RBAC policy binds), and the service-account signing key pair."""
@@ -114,10 +117,14 @@ def make_pki(pki: Path) -> None:
              "ca.crt", "-days", "3650", "-subj", "/CN=tuner-test-ca", cwd=pki)
     _signed(pki, "apiserver", "/CN=kube-apiserver",
             "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(SERVING_NAMES)}\n")
+            "extendedKeyUsage=serverAuth\nsubjectAltName="
+            f"{','.join([*SERVING_NAMES, *(f'IP:{ip}' for ip in extra_ips)])}\n")
     _signed(pki, "admin", "/O=system:masters/CN=tuner-admin", CLIENT)
     _signed(pki, "controller-manager", "/CN=system:kube-controller-manager", CLIENT)
     _signed(pki, "scheduler", "/CN=system:kube-scheduler", CLIENT)
+    # tier 4's node: the kubelet (the Node authorizer's identity) and kube-proxy
+    _signed(pki, "kubelet", f"/O=system:nodes/CN=system:node:{NODE_NAME}", CLIENT)
+    _signed(pki, "kube-proxy", "/CN=system:kube-proxy", CLIENT)
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out",
              "sa.key", cwd=pki)
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
@@ -225,10 +232,15 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def up(state: Path, *, bin_dir: Path | None = None, die_with_parent: bool = False) -> Cluster:
+def up(state: Path, *, bin_dir: Path | None = None, die_with_parent: bool = False,
+       advertise_address: str | None = None) -> Cluster:
     """Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler with state in
     `state`; return once the apiserver is ready and the controller-manager has made the
-    default ServiceAccount (so both are working, not just listening)."""
+    default ServiceAccount (so both are working, not just listening).
+
+    `advertise_address`: for a node (tier 4), run inside a network namespace of its own,
+    the apiserver listens on every address of that namespace and advertises this one as the
+    `kubernetes` Service's endpoint, so pods reach it through kube-proxy."""
     state = state.resolve()
     if (state / "pids").exists() and any(
             _is_running(p["pid"], p["argv0"]) for p in _pids(state)):
@@ -237,7 +249,7 @@ def up(state: Path, *, bin_dir: Path | None = None, die_with_parent: bool = Fals
     (state / "pids").unlink(missing_ok=True)
     bin_dir = bin_dir or binaries()
     pki = state / "pki"
-    make_pki(pki)
+    make_pki(pki, extra_ips=(advertise_address,) if advertise_address else ())
     etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
     cm_port, sched_port = free_port(), free_port()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -255,7 +267,8 @@ def up(state: Path, *, bin_dir: Path | None = None, die_with_parent: bool = Fals
 
     apiserver = [
         str(bin_dir / "kube-apiserver"), "--etcd-servers", etcd_url,
-        "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+        "--bind-address", "0.0.0.0" if advertise_address else "127.0.0.1",
+        "--advertise-address", advertise_address or "127.0.0.1",
         "--secure-port", str(api_port),
         "--tls-cert-file", str(pki / "apiserver.crt"),
         "--tls-private-key-file", str(pki / "apiserver.key"),
@@ -270,8 +283,10 @@ def up(state: Path, *, bin_dir: Path | None = None, die_with_parent: bool = Fals
         "--allow-privileged=true",
         # 127.0.0.1 may not be an Endpoints address: keep the `kubernetes` Service's
         # endpoints out of it rather than log an error every 10 s
-        "--endpoint-reconciler-type", "none",
+        "--endpoint-reconciler-type", "lease" if advertise_address else "none",
         "--profiling=false"]
+    if advertise_address:  # `kubectl logs` reaches the node's kubelet by its IP: no DNS
+        apiserver += ["--kubelet-preferred-address-types", "InternalIP"]
     (state / "audit-policy.json").write_text(json.dumps(AUDIT_POLICY))
     apiserver += ["--audit-policy-file", str(state / "audit-policy.json"),
                   "--audit-log-path", str(state / "logs" / "audit.log"),
@@ -305,10 +320,23 @@ def up(state: Path, *, bin_dir: Path | None = None, die_with_parent: bool = Fals
         started[component] = process
 
     cluster = Cluster(state, server, kubeconfig, pki / "ca.crt", etcd_url, bin_dir)
+    (state / "cluster.json").write_text(json.dumps(
+        {"server": server, "etcd_url": etcd_url, "bin_dir": str(bin_dir)}))
     _wait(state, "kube-controller-manager", started["kube-controller-manager"],
           lambda: _https_ok(f"{server}/api/v1/namespaces/default/serviceaccounts/default",
                             pki))
     return cluster
+
+
+def read(state: Path) -> Cluster:
+    """The cluster `up` started with state in `state`."""
+    state = state.resolve()
+    try:
+        found = json.loads((state / "cluster.json").read_text())
+    except OSError as exc:
+        raise ClusterError(f"no cluster was started in {state}: {exc}") from exc
+    return Cluster(state, found["server"], state / "kubeconfig", state / "pki" / "ca.crt",
+                   found["etcd_url"], Path(found["bin_dir"]))
 
 
 def _healthz(port: int) -> bool:
@@ -358,11 +386,13 @@ def main() -> int:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--dir", type=Path, default=ROOT / ".cluster",
                         help="state directory (default: .cluster in the checkout)")
+    parser.add_argument("--advertise-address", help="(tier 4, inside a network namespace) "
+                        "the address pods reach the apiserver at")
     args = parser.parse_args()
     try:
         if args.action == "up":
             started = time.monotonic()
-            cluster = up(args.dir)
+            cluster = up(args.dir, advertise_address=args.advertise_address)
             print(f"control plane up in {time.monotonic() - started:.1f} s: {cluster.server}"
                   f" (etcd {cluster.etcd_url}); logs in {cluster.dir / 'logs'}",
                   file=sys.stderr)
