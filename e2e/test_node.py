@@ -73,13 +73,22 @@ def node(tmp_path: Path, tuner_image: str) -> Iterator[Node]:
         print(f"\ncontrol plane and node Ready in {time.monotonic() - started:.1f} s")
         yield found
     finally:
-        found.kubectl("delete", "namespace", "tuner-demo", "--timeout=60s", check=False)
-        found.run("python3", str(ROOT / "scripts" / "node.py"), "down", "--dir",
-                  str(found.node_dir), "--cluster-dir", str(found.cluster_dir), check=False)
-        found.run("python3", str(ROOT / "scripts" / "cluster.py"), "down", "--dir",
-                  str(found.cluster_dir), check=False)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-        subprocess.run(["rm", "-rf", str(state)], check=False)
+        # the kubelet stops the pods of a deleted namespace; then the node, the control
+        # plane, and the namespaces go (each step said, so a leak shows where it began)
+        steps = [found.kubectl("delete", "namespace", "tuner-demo", "--timeout=60s",
+                               check=False),
+                 found.run("python3", str(ROOT / "scripts" / "node.py"), "down", "--dir",
+                           str(found.node_dir), "--cluster-dir", str(found.cluster_dir),
+                           check=False),
+                 found.run("python3", str(ROOT / "scripts" / "cluster.py"), "down",
+                           "--dir", str(found.cluster_dir), check=False),
+                 subprocess.run(["ip", "netns", "del", netns], check=False,
+                                capture_output=True, text=True),
+                 subprocess.run(["rm", "-rf", str(state)], check=False, capture_output=True,
+                                text=True)]
+        for step in steps:
+            print(f"teardown: {' '.join(map(str, step.args))[-80:]} -> {step.returncode} "
+                  f"{step.stderr.strip()[-300:]}")
 
 
 def _wait(what: str, is_true: Any, *, timeout_s: float) -> None:
