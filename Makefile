@@ -1,5 +1,5 @@
 # The two commands of the README. Each installs what is missing first (scripts/setup).
-.PHONY: demo test lint setup setup-test
+.PHONY: demo test lint setup setup-test k8s-binaries cluster cluster-down image e2e
 
 setup:
 	@./scripts/setup
@@ -10,9 +10,33 @@ setup-test:
 demo: setup
 	.venv/bin/tuner demo
 
-test: setup-test lint
+# The kube tests run against a real control plane: its binaries are built (once per machine,
+# tens of minutes cold) before pytest, whose per-test timeout a build would not fit.
+test: setup-test lint k8s-binaries
 	.venv/bin/pytest
 
 lint: setup
 	.venv/bin/ruff check tuner tests bench locustfiles
 	.venv/bin/mypy
+
+# A real Kubernetes v1.34.4 control plane on 127.0.0.1 (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler), built once per machine from the official Go
+# modules into ~/.cache/tuner (or taken from $KUBEBUILDER_ASSETS). Prints the kubeconfig.
+k8s-binaries:
+	@ONLY=control-plane ./scripts/k8s-build/build >/dev/null
+
+cluster:
+	@python3 scripts/cluster.py up
+
+cluster-down:
+	@python3 scripts/cluster.py down
+
+# Tier 3: the tuner image, built with podman from a local Debian base (no registry); then
+# the end-to-end tests (e2e/): the demo pod from those images (root needed).
+image:
+	@./scripts/image/build
+
+# Tier 4 (e2e/test_node.py) also needs the node's binaries: kubelet and kube-proxy.
+e2e: setup-test image
+	@./scripts/k8s-build/build >/dev/null
+	.venv/bin/pytest e2e

@@ -22,6 +22,8 @@ from tuner.lab.process import ManagedProcess, http_get, is_listening, pick_free_
 from tuner.lab.proxy import children
 from tuner.sidecar import parse_tuning, render_nginx
 
+from .real_cluster import RealCluster, real_cluster
+
 TUNER = [sys.executable, "-m", "tuner.cli"]
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -206,3 +208,11 @@ http {{
         sidecar.stop()
         nginx.stop()
         upstream.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+    """A real control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+    Kubernetes v1.34.4) for the whole session, started on first use; RBAC enforced."""
+    with real_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster

@@ -111,12 +111,15 @@ def sidecar_urls(pods: list[Any], port: int) -> list[str]:
 
 def pod_fingerprint(pods: list[Any]) -> frozenset[tuple[str, str, int]]:
     """(name, uid, container restarts) of each pod (pure): a trial whose pods changed
-    during its load (a new replica, a restarted nginx) lost counts it cannot recover."""
+    during its load (a new replica, a restarted nginx) lost counts it cannot recover.
+    Pods on their way out are left out, as in `sidecar_urls`: on a real cluster the old
+    pods of a completed rollout still terminate for up to their grace period, and their
+    going is no change to the pods under load."""
     return frozenset(
         (pod.metadata.name, pod.metadata.uid or "",
          sum(c.restart_count or 0 for c in (pod.status.container_statuses or []))
          if pod.status else 0)
-        for pod in pods)
+        for pod in pods if pod.metadata.deletion_timestamp is None)
 
 
 def _host(ip: str) -> str:
