@@ -54,11 +54,10 @@ def test_the_server_is_the_real_kubernetes_we_built(kube: RealCluster) -> None:
 #: what the Job's runner does, and nothing more: (verb, resource, name); the demo's spec
 #: writes the app's recommended setting back into tuner-tuning (its `write_back`)
 RUNNER_MAY = {
+    # every ConfigMap write, the recommendation's and the write_back's too: read, then a
+    # merge patch with the resourceVersion read (tuner/kube/client.py)
     *[(verb, "configmaps", name) for verb in ("get", "patch")
-      for name in ("tuner-tuning", "tuner-ledger")],
-    # the recommendation and the write_back target: read, merged, replaced, as `tuner apply`
-    *[(verb, "configmaps", name) for verb in ("get", "update")
-      for name in ("tuner-keepalive", "tuner-tuning")],
+      for name in ("tuner-tuning", "tuner-ledger", "tuner-keepalive")],
     ("create", "configmaps", ""),  # the ledger and the recommendation, the first time
     ("get", "deployments.apps", "demo-app"), ("patch", "deployments.apps", "demo-app"),
     ("list", "pods", ""),

@@ -82,7 +82,8 @@ def bare_sidecar(tmp_path: Path, args: list[str]) -> Iterator[str]:
     sidecar = ManagedProcess(
         [*TUNER, "sidecar", *args, "--render-dir", str(tmp_path / "render"),
          "--nginx-pid", str(tmp_path / "nginx.pid"), "--error-log", str(tmp_path / "error.log"),
-         "--listen", f"127.0.0.1:{port}", "--poll", "100ms"], name="sidecar", log_dir=tmp_path)
+         "--listen", f"127.0.0.1:{port}", "--poll", "100ms", "--allow-unauthenticated"],
+        name="sidecar", log_dir=tmp_path)
     sidecar.start()
     try:
         sidecar.wait_ready(lambda: http_get(port, "/status") is not None, timeout_s=20,

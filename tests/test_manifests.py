@@ -219,9 +219,10 @@ def test_the_demo_spec_names_what_the_manifests_create(demo: list[dict[str, Any]
     for name in (target.tuning_configmap, target.ledger_configmap):
         assert allowed("", "configmaps", "get", name) and allowed("", "configmaps", "patch",
                                                                     name), name
-    # the recommendation is written as `tuner apply` writes: read, merge, replace
+    # the recommendation is written as every ConfigMap: read, then merge-patched
     assert allowed("", "configmaps", "get", target.recommendation_configmap)
-    assert allowed("", "configmaps", "update", target.recommendation_configmap)
+    assert allowed("", "configmaps", "patch", target.recommendation_configmap)
+    assert not allowed("", "configmaps", "update", target.recommendation_configmap)
     assert allowed("", "configmaps", "create", None)
     assert allowed("apps", "deployments", "get", target.deployment)
     assert allowed("apps", "deployments", "patch", target.deployment)
