@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from tuner.kube.apply import connect
@@ -141,6 +142,14 @@ def _used(kube: RealCluster, user: str) -> tuple[set[tuple[str, str, str]], list
 def test_the_cluster_loop_on_a_real_api_server_through_an_outage(
         kube: RealCluster, tmp_path: Path) -> None:
     with demo(kube, tmp_path) as (ns, pod, proxy, admin):
+        # the Job's own token, but for the API's audience, not the sidecars': refused by the
+        # real TokenReview, and the answer names the audience
+        api_token = ns.cluster.kubectl("-n", ns.name, "create", "token", "tuner"
+                                       ).stdout.strip()
+        refused = httpx.get(f"{pod.sidecar_url}/probe",
+                            headers={"Authorization": f"Bearer {api_token}"}, timeout=30)
+        assert refused.status_code == 401 and "tuner-sidecar" in refused.text, refused.text
+
         def outage() -> None:  # 3 s of resets, and until the runner has met 3 of them
             deadline = time.monotonic() + 120
             while "trial-000" not in _ledger(admin, ns.name):
