@@ -1,4 +1,6 @@
-"""When a trial has seen enough: the sequential stopping rule and the trial verdict (pure).
+"""When a trial has seen enough to stop: the sequential stopping rule (pure). The verdict
+itself is tuner.analysis.judge's: it also weighs the mechanism, the load's aim and the
+control, which no count can.
 
 Only failures that follow the keep-alive race count: 502 (nginx), 503 (Envoy-like) and a
 reset / empty reply (HAProxy's silent close). 504s, timeouts and refused connections have
@@ -14,8 +16,7 @@ The rule, checked after every burst:
   rate at 1 % (rule of three); the lab's unsafe cells measured 1.8-13 % per reused request,
   so an unsafe cell passes as safe with a probability of at most (1 - 0.018)^300 = 0.4 %.
 - 0 for either threshold means "never stop early for this reason".
-- otherwise the trial runs to its budget; then it is unsafe with any race failure, else
-  inconclusive.
+- otherwise the trial runs to its budget.
 """
 
 from __future__ import annotations
@@ -45,11 +46,3 @@ def decide(*, n_race: int, n_reused: int, n_cycles: int, rule: StopRule) -> str 
             and n_cycles >= rule.min_cycles):
         return "safe"
     return None
-
-
-def trial_verdict(*, n_race: int, n_reused: int, n_cycles: int, rule: StopRule) -> str:
-    """The verdict of a finished trial: "unsafe", "safe" or "inconclusive"."""
-    decided = decide(n_race=n_race, n_reused=n_reused, n_cycles=n_cycles, rule=rule)
-    if decided is not None:
-        return decided
-    return "unsafe" if n_race > 0 else "inconclusive"
