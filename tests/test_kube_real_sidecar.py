@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tuner.kube.apply import connect
+from tuner.kube.client import connect
 from tuner.lab.process import ManagedProcess, http_get, pick_free_port
 
 from .conftest import FIRST_TUNING, TUNER, start_pod
