@@ -151,7 +151,8 @@ def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
     assert "resuming experiment" in logs, logs
     ledger = node.configmap("tuner-ledger")
     assert ledger["state"] == "finished"
-    verdicts = {json.loads(ledger[k])["verdict"] for k in ("trial-000", "trial-001")}
+    # the positive control first (unsafe by design), then proxy idle 3s and 1s
+    verdicts = {json.loads(v)["verdict"] for k, v in ledger.items() if k.startswith("trial-")}
     recommendation = node.configmap("tuner-keepalive")
     assert recommendation, "no recommendation ConfigMap"
     print(f"Job complete in {wall_s:.0f} s (one pod deleted mid-run); verdicts {verdicts}; "

@@ -5,11 +5,11 @@ sidecar start, the sidecar applies a tuning it watches through the real API serv
 sidecar's ServiceAccount), and nginx serves.
 
 What podman does not do as a kubelet would, and what stands in: no ServiceAccount token is
-projected, so the token (TokenRequest, as a kubelet gets it) and the CA are mounted from the
-host at the usual path; the pod uses the host's network (loopback only is used), since the
-API server listens on 127.0.0.1; the images `node:20-slim` and
-`nginxinc/nginx-unprivileged:1.27` are replaced by the local Debian base (Node 18, nginx
-1.22): no registry is reachable here."""
+projected, so the sidecar's volume `sidecar-api-token` holds the same files (a TokenRequest
+token, as a kubelet gets it, the CA, the namespace) from the host; the pod uses the host's
+network (loopback only is used), since the API server listens on 127.0.0.1; the images
+`node:20-slim` and `nginxinc/nginx-unprivileged:1.27` are replaced by the local Debian base
+(Node 18, nginx 1.22): no registry is reachable here."""
 
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ def _pod(deployment: dict[str, Any], *, namespace: str, image: str, api_port: in
                 {"name": "POD_NAMESPACE", "value": namespace},
                 {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
                 {"name": "KUBERNETES_SERVICE_PORT", "value": str(api_port)}]
-            container["volumeMounts"].append({
-                "name": "serviceaccount", "readOnly": True,
-                "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})
         else:
             container["image"] = BASE_IMAGE
-    spec["volumes"].append({"name": "serviceaccount",
-                            "hostPath": {"path": str(secrets), "type": "Directory"}})
+    # the sidecar's projected API token (podman projects none): the same files, from the host
+    spec["volumes"] = [v if v["name"] != "sidecar-api-token" else
+                       {"name": v["name"], "hostPath": {"path": str(secrets),
+                                                        "type": "Directory"}}
+                       for v in spec["volumes"]]
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "demo-app", "labels": {"app.kubernetes.io/name": "demo-app"}},
             "spec": spec}
@@ -81,6 +81,10 @@ def test_the_demo_pod_runs_locked_down_and_applies_a_tuning(
     with kube_namespace(kube, tmp_path) as ns:
         ns.apply([json.loads(json.dumps(c)) for c in configmaps
                   if c["metadata"]["name"] == "tuner-tuning"])
+        (binding,) = [d for d in objects if d["kind"] == "ClusterRoleBinding"]
+        binding["metadata"]["name"] = f"tuner-sidecar-tokenreview-{ns.name}"
+        binding["subjects"][0]["namespace"] = ns.name
+        kube.kubectl("apply", "-f", "-", stdin=json.dumps(binding))
         secrets = tmp_path / "serviceaccount"
         secrets.mkdir()
         token = kube.kubectl("-n", ns.name, "create", "token", "tuner-sidecar",
@@ -133,7 +137,13 @@ def test_the_demo_pod_runs_locked_down_and_applies_a_tuning(
             assert "keepalive_timeout 1s;" in conf
             answer = httpx.post("http://127.0.0.1:8080/", content=b"x", timeout=5)
             assert answer.status_code == 200 and answer.text == "ok"
-            probe = httpx.get("http://127.0.0.1:9901/probe", timeout=30).json()
+            # /probe answers only the Job's account: its audience-bound token, checked by
+            # the sidecar with a real TokenReview (the overlay's ClusterRoleBinding)
+            assert httpx.get("http://127.0.0.1:9901/probe", timeout=30).status_code == 401
+            job_token = kube.kubectl("-n", ns.name, "create", "token", "tuner", "--audience",
+                                     "tuner-sidecar", "--duration", "1h").stdout.strip()
+            probe = httpx.get("http://127.0.0.1:9901/probe", timeout=30,
+                              headers={"Authorization": f"Bearer {job_token}"}).json()
             # measured: the image's Node (Debian's 18.20) closes at its 5000 ms itself; Node 20
             # adds its 1 s buffer (6.0 s). The sidecar measures; it does not assume either.
             assert 4.8 < probe["idle_close_s"] < 6.5, probe
@@ -141,4 +151,6 @@ def test_the_demo_pod_runs_locked_down_and_applies_a_tuning(
             logs = {name: podman("logs", "--tail", "5", f"demo-app-{name}", check=False).stderr
                     for name in ("app", "nginx", "tuner-sidecar")}
             podman("pod", "rm", "-f", "-t", "5", "demo-app", check=False)
+            kube.kubectl("delete", "clusterrolebinding", binding["metadata"]["name"],
+                         check=False)
             print(logs)

@@ -199,7 +199,16 @@ def down(state: Path) -> list[str]:
     """Stop every pod's containers (the kubelet would leave them running), then the node's
     processes."""
     state = state.resolve()
+    own_netns: set[str] = set()  # the pods' network namespaces, made by containerd's CNI
     if (state / "containerd.sock").exists():
+        for container in _ctr(state, "containers", "ls", "-q", check=False).split():
+            try:
+                info = json.loads(_ctr(state, "containers", "info", container, check=False))
+            except ValueError:
+                continue
+            for namespace in (info.get("Spec") or {}).get("linux", {}).get("namespaces", []):
+                if namespace.get("type") == "network" and namespace.get("path"):
+                    own_netns.add(Path(namespace["path"]).name)
         for task in _ctr(state, "tasks", "ls", "-q", check=False).split():
             _ctr(state, "tasks", "kill", "-s", "SIGKILL", task, check=False)
         deadline = time.monotonic() + 10
@@ -216,9 +225,10 @@ def down(state: Path) -> list[str]:
               if line.split()[4].startswith(f"{state}/")]
     for mountpoint in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", mountpoint], check=False)
-    # the pods' network namespaces, made by containerd's CNI (named cni-*)
-    for netns in Path("/run/netns").glob("cni-*"):
-        subprocess.run(["ip", "netns", "del", netns.name], check=False)
+    # this node's pods' network namespaces only: other nodes may run beside it
+    for netns in sorted(own_netns):
+        if netns.startswith("cni-") and (Path("/run/netns") / netns).exists():
+            subprocess.run(["ip", "netns", "del", netns], check=False)
     return stopped
 
 
