@@ -77,7 +77,8 @@ def _add_lab_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-idle", type=_duration("--proxy-idle"), default=60.0,
                         metavar="DURATION",
                         help="how long the proxy keeps idle upstream connections "
-                             "(nginx upstream keepalive_timeout; HAProxy pool-purge-delay); "
+                             "(nginx upstream keepalive_timeout; HAProxy pool-purge-delay; Envoy "
+                             "cluster common_http_protocol_options.idle_timeout); "
                              "default 60s")
     parser.add_argument("--upstream-idle", type=_duration("--upstream-idle"), default=5.0,
                         metavar="DURATION",
@@ -112,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_lab(commands: _Commands) -> None:
     lab = commands.add_parser("lab", help="run a real proxy in front of a real upstream locally",
-                              description="The local lab: a real nginx or HAProxy in front of "
-                                          "a real upstream server, on 127.0.0.1. It binds "
-                                          "loopback only: nothing it starts listens on another "
-                                          "interface.")
+                              description="The local lab: a real nginx, HAProxy or Envoy in "
+                                          "front of a real upstream server, on 127.0.0.1. It "
+                                          "binds loopback only: nothing it starts listens on "
+                                          "another interface.")
     lab_commands = lab.add_subparsers(dest="lab_command", metavar="SUBCOMMAND", required=True)
     up = lab_commands.add_parser(
         "up", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -131,6 +132,7 @@ def _add_lab(commands: _Commands) -> None:
         epilog="examples:\n"
                "  tuner lab up --proxy nginx --upstream node --proxy-idle 60s --upstream-idle 2s\n"
                "  tuner lab up --proxy haproxy --upstream uvicorn --upstream-idle 5s --json\n"
+               "  tuner lab up --proxy envoy --upstream node --proxy-idle 1h --upstream-idle 1s\n"
                "  tuner lab up --upstream-cmd 'python3 -m http.server {port} # {idle_s}'\n\n"
                + EXIT_CODES)
     _add_lab_options(up)
