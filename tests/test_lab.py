@@ -129,8 +129,8 @@ def test_exception_inside_the_lab_stops_everything(no_leftover_children: None) -
 
 
 def test_unknown_proxy_lists_choices() -> None:
-    with pytest.raises(ConfigError, match="choose one of nginx, haproxy"):
-        Lab(proxy="envoy", upstream=get_upstream("node"), proxy_idle_s=1, upstream_idle_s=1)
+    with pytest.raises(ConfigError, match="choose one of nginx, haproxy, envoy"):
+        Lab(proxy="traefik", upstream=get_upstream("node"), proxy_idle_s=1, upstream_idle_s=1)
 
 
 def test_value_the_upstream_cannot_take_fails_before_starting(

@@ -34,8 +34,11 @@ ENVOY_STATS = {
     "upstream_cx_destroy_remote_with_active_rq": "envoy_remote_close_with_active_rq",
     "upstream_cx_connect_fail": "envoy_connect_fail",
     "upstream_rq_pending_overflow": "envoy_overflow",
+    # a retry of the request (only with a route retry policy): a race the client did not see
+    "upstream_rq_retry": "envoy_retry",
 }
-OTHER_SIGNATURES = frozenset({*NGINX_OTHER_SIGNATURES, "envoy_connect_fail", "envoy_overflow"})
+OTHER_SIGNATURES = frozenset({*NGINX_OTHER_SIGNATURES, "envoy_connect_fail", "envoy_overflow",
+                              "envoy_retry"})
 
 
 def envoy_signatures(*, before: Mapping[str, int], after: Mapping[str, int]) -> Counter[str]:
