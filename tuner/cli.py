@@ -30,6 +30,7 @@ from tuner.commands import (
 )
 from tuner.durations import EXAMPLES, parse_duration
 from tuner.errors import ConfigError, TunerError
+from tuner.kube.gateways import GATEWAY_OUTPUTS
 from tuner.lab import BUILTIN_UPSTREAMS, PROXIES
 
 #: the subparsers of `tuner`: one `_add_<command>` below adds each command
@@ -301,11 +302,21 @@ def _add_recommend(commands: _Commands) -> None:
         epilog="examples:\n"
                "  tuner recommend results.db\n"
                "  tuner recommend results.db --proxy-idle 60s --json\n"
-               "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n\n"
+               "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n"
+               "  tuner recommend results.db -o destinationrule --namespace shop "
+               "--host checkout.shop.svc.cluster.local\n"
+               "  tuner recommend results.db -o backendtrafficpolicy --namespace shop "
+               "--target-ref HTTPRoute/checkout\n\n"
                "margin: by default the larger of 1 s and 10 % of the measured close.\n\n"
                + EXIT_CODES)
     _add_recommend_options(rec)
-    rec.add_argument("-o", "--output", choices=("text", "json", "configmap"), default="text")
+    rec.add_argument("-o", "--output", default="text",
+                     choices=("text", "json", "configmap", *GATEWAY_OUTPUTS),
+                     help="text, json, the ConfigMaps (configmap), or the Envoy family's "
+                          "object with the app's ConfigMap key: an Istio DestinationRule "
+                          "(destinationrule, needs --host) or an Envoy Gateway "
+                          "BackendTrafficPolicy (backendtrafficpolicy, needs --target-ref)")
+    _add_gateway_options(rec)
     rec.add_argument("--json", action="store_true", help="same as -o json")
     rec.set_defaults(handler=cmd_recommend)
 
@@ -326,6 +337,12 @@ def _add_apply(commands: _Commands) -> None:
                "(get on namespaces is used for a clearer error when one is missing).\n\n"
                + EXIT_CODES)
     _add_recommend_options(apply)
+    apply.add_argument("-o", "--output", default="configmap",
+                       choices=("configmap", *GATEWAY_OUTPUTS),
+                       help="what to write: the ConfigMaps (default), or an Istio "
+                            "DestinationRule / Envoy Gateway BackendTrafficPolicy with the app's "
+                            "ConfigMap key, merged into an existing object's other fields")
+    _add_gateway_options(apply)
     apply.add_argument("--kubeconfig", metavar="PATH",
                        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the "
                             "in-cluster service account)")
@@ -432,6 +449,15 @@ def _add_sidecar(commands: _Commands) -> None:
     sidecar.set_defaults(handler=cmd_sidecar)
 
 
+def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", metavar="HOST",
+                        help="-o destinationrule: the app's host, as the DestinationRule's "
+                             "spec.host (e.g. checkout.shop.svc.cluster.local)")
+    parser.add_argument("--target-ref", action="append", metavar="KIND/NAME",
+                        help="-o backendtrafficpolicy: what the policy applies to, e.g. "
+                             "HTTPRoute/checkout or Gateway/eg (repeatable)")
+
+
 def _add_recommend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("db", metavar="DB")
     parser.add_argument("--margin", type=_duration("--margin"), metavar="DURATION")
@@ -442,8 +468,10 @@ def _add_recommend_options(parser: argparse.ArgumentParser) -> None:
                         help="which upstream setting of the grid (default: the smallest)")
     parser.add_argument("--target-rate", type=float, default=0.02, metavar="RATE",
                         help="the failure rate the evidence must bound, 95 %% (default 0.02)")
-    parser.add_argument("--name", default="tuner-keepalive", help="ConfigMap name")
-    parser.add_argument("--namespace", default="default", help="ConfigMap namespace")
+    parser.add_argument("--name", default="tuner-keepalive",
+                        help="name of the ConfigMap (or DestinationRule, BackendTrafficPolicy)")
+    parser.add_argument("--namespace", default="default",
+                        help="its namespace (default: default)")
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -11,11 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tuner.durations import format_seconds
 from tuner.errors import ConfigError, KubeError, LabError, LoadError, TunerError
+from tuner.kube.gateways import GATEWAY_OUTPUTS
 from tuner.lab import Lab
 from tuner.lab.upstreams import upstream_from
 
@@ -270,11 +271,25 @@ def _findings(args: argparse.Namespace) -> Findings:
                         upstream_idle_s=args.upstream_idle, target_rate=args.target_rate)
 
 
+def _objects(args: argparse.Namespace, findings: Findings, output: str | None = None
+             ) -> list[dict[str, Any]]:
+    """What `recommend -o ...` prints and `apply` writes: the ConfigMaps, or (-o
+    destinationrule / backendtrafficpolicy) the Envoy family's object and the app's key."""
+    from tuner.kube.gateways import parse_target_ref
+
+    output = output or args.output
+    if output not in GATEWAY_OUTPUTS:
+        return findings.configmaps(name=args.name, namespace=args.namespace)
+    return findings.gateway_objects(
+        output, name=args.name, namespace=args.namespace, host=args.host,
+        target_refs=[parse_target_ref(ref) for ref in args.target_ref or ()])
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from tuner.kube.apply import apply_configmaps
     from tuner.kube.client import connect
 
-    objects = _findings(args).configmaps(name=args.name, namespace=args.namespace)
+    objects = _objects(args, _findings(args))
     connection = connect(kubeconfig=args.kubeconfig, context=args.context)
     results = apply_configmaps(connection, objects, dry_run=args.dry_run)
     if args.json:
@@ -282,7 +297,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                          indent=2))
     else:
         for result in results:
-            print(f"{result.action:13} configmap {result.namespace}/{result.name}")
+            print(f"{result.action:13} {result.kind.lower()} {result.namespace}/{result.name}")
             if result.diff and args.dry_run:
                 print("\n".join(f"    {line}" for line in result.diff.splitlines()))
     return 0
@@ -428,11 +443,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     output = "json" if args.json else args.output
     if output == "json":
         print(json.dumps(findings.as_json(), indent=2))
-    elif output == "configmap":
+    elif output in ("configmap", *GATEWAY_OUTPUTS):
         import yaml
 
-        print(yaml.safe_dump_all(findings.configmaps(name=args.name, namespace=args.namespace),
-                                 sort_keys=False), end="")
+        print(yaml.safe_dump_all(_objects(args, findings, output), sort_keys=False), end="")
     else:
         print(render_findings(findings))
     return EXIT_INSUFFICIENT if findings.primary.status != "ok" else 0
