@@ -154,6 +154,8 @@ def _add_demo(commands: _Commands) -> None:
     demo.add_argument("--db", default="demo-results.db", metavar="PATH",
                       help="results store (default demo-results.db; replaced each run)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
+    demo.add_argument("--proxy", default="nginx", choices=sorted(PROXIES),
+                      help="the proxy in front of Node (default: nginx)")
     demo.set_defaults(handler=cmd_demo)
 
 

@@ -75,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _clear_demo_store(Path(args.db))
     say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
-    run = run_demo(db=args.db, say=say)
+    run = run_demo(db=args.db, say=say, proxy=args.proxy)
     if args.json:
         print(json.dumps(_experiment_document(run), indent=2))
     else:
