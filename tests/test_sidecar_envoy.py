@@ -69,3 +69,19 @@ def test_envoy_sidecar_applies_the_tuning_and_counts_races(
             server.shutdown()
             server.server_close()
             sidecar.stop()
+
+
+def test_cli_needs_the_envoy_or_the_nginx_flags(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tuner = [sys.executable, "-m", "tuner.cli", "sidecar", "--tuning-dir", str(tmp_path)]
+    nginx = subprocess.run(tuner, capture_output=True, text=True, timeout=60)
+    assert nginx.returncode == 2 and "--render-dir, --nginx-pid, --error-log" in nginx.stderr
+    envoy = subprocess.run([*tuner, "--envoy-admin", "http://127.0.0.1:9902"],
+                           capture_output=True, text=True, timeout=60)
+    assert envoy.returncode == 2 and "--envoy-cds FILE" in envoy.stderr
+    bad = subprocess.run([*tuner, "--envoy-admin", "127.0.0.1:9902", "--envoy-cds",
+                          str(tmp_path / "cds.json"), "--app-port", "3000"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'127.0.0.1:9902' is not an http:// URL" in bad.stderr

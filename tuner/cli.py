@@ -421,9 +421,18 @@ def _add_sidecar(commands: _Commands) -> None:
                          help="with --configmap: the API server ends each watch after this, and "
                               "the sidecar re-watches from the last resourceVersion (default "
                               "60s, at least 1s)")
-    sidecar.add_argument("--render-dir", required=True, metavar="DIR")
-    sidecar.add_argument("--nginx-pid", required=True, metavar="FILE")
-    sidecar.add_argument("--error-log", required=True, metavar="FILE")
+    sidecar.add_argument("--render-dir", metavar="DIR", help="beside nginx (required there)")
+    sidecar.add_argument("--nginx-pid", metavar="FILE", help="beside nginx (required there)")
+    sidecar.add_argument("--error-log", metavar="FILE", help="beside nginx (required there)")
+    envoy = sidecar.add_argument_group(
+        "beside Envoy instead of nginx (tuner/sidecar_envoy.py): the idle timeout goes into "
+        "the CDS file Envoy watches, races are counted from its admin stats")
+    envoy.add_argument("--envoy-admin", metavar="URL",
+                       help="Envoy's admin endpoint in the pod, e.g. http://127.0.0.1:9902")
+    envoy.add_argument("--envoy-cds", metavar="FILE",
+                       help="the CDS file of Envoy's bootstrap (cds_config.path_config_source)")
+    envoy.add_argument("--app-port", type=int, metavar="PORT",
+                       help="the app's port in the pod: cluster 'app' goes to 127.0.0.1:PORT")
     sidecar.add_argument("--nginx-conf", metavar="FILE",
                          help="check each rendering with `nginx -t -c FILE` before reloading")
     sidecar.add_argument("--app-url", metavar="URL",

@@ -344,11 +344,21 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     else:
         source = TuningDir(Path(args.tuning_dir))
     callers = _sidecar_callers(args, host)
-    sidecar = Sidecar(SidecarPaths(
-        render_dir=Path(args.render_dir),
-        nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
-        nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
-        app_url=args.app_url), poll_s=args.poll, source=source)
+    sidecar: Sidecar
+    if args.envoy_admin is not None:
+        sidecar = _envoy_sidecar(args, source)
+    else:
+        missing = [flag for flag, value in (("--render-dir", args.render_dir),
+                                            ("--nginx-pid", args.nginx_pid),
+                                            ("--error-log", args.error_log)) if value is None]
+        if missing:
+            raise ConfigError(f"beside nginx the sidecar needs {', '.join(missing)} (or, beside "
+                              "Envoy, --envoy-admin URL --envoy-cds FILE --app-port PORT)")
+        sidecar = Sidecar(SidecarPaths(
+            render_dir=Path(args.render_dir),
+            nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
+            nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
+            app_url=args.app_url), poll_s=args.poll, source=source)
     try:
         server = sidecar.serve(host.strip("[]"), int(port), callers=callers)
     except OSError as exc:
@@ -413,6 +423,26 @@ def _sidecar_callers(args: argparse.Namespace, host: str) -> CallerCheck:
                               audience=args.token_audience)
     return ServiceAccountCaller(reviewer, namespace=namespace, name=name,
                                 audience=args.token_audience)
+
+
+def _envoy_sidecar(args: argparse.Namespace, source: Any) -> Any:
+    """`tuner sidecar --envoy-admin URL --envoy-cds FILE --app-port PORT` (tuner.sidecar_envoy)."""
+    from tuner.sidecar_envoy import EnvoyPaths, EnvoySidecar
+
+    admin = urlsplit(args.envoy_admin)
+    if admin.scheme != "http" or not admin.hostname:
+        raise ConfigError(f"--envoy-admin {args.envoy_admin!r} is not an http:// URL of "
+                          "Envoy's admin endpoint, e.g. http://127.0.0.1:9902")
+    if args.envoy_cds is None or args.app_port is None:
+        raise ConfigError("beside Envoy the sidecar needs --envoy-cds FILE (the CDS file its "
+                          "bootstrap watches) and --app-port PORT (the app's port in the pod)")
+    if not Path(args.envoy_cds).parent.is_dir():
+        raise ConfigError(f"--envoy-cds {args.envoy_cds}: its directory does not exist")
+    if not 0 < args.app_port < 65536:
+        raise ConfigError(f"--app-port {args.app_port} is not a port 1-65535")
+    return EnvoySidecar(EnvoyPaths(admin_url=args.envoy_admin, cds_path=Path(args.envoy_cds),
+                                   app_port=args.app_port, app_url=args.app_url),
+                        poll_s=args.poll, source=source)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
