@@ -318,3 +318,13 @@ def test_envoy_overlay_config_passes_envoys_own_check(demo_envoy: list[dict[str,
     checked = subprocess.run([EnvoyProxy.find_binary(), "--mode", "validate", "-c", str(path)],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_envoy_overlay_spec_is_the_demos_with_envoy(demo: list[dict[str, Any]],
+                                                    demo_envoy: list[dict[str, Any]]) -> None:
+    def spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        (found,) = [d for d in docs if d["kind"] == "ConfigMap"
+                    and d["metadata"]["name"] == "tuner-spec"]
+        loaded: dict[str, Any] = yaml.safe_load(found["data"]["spec.yaml"])
+        return loaded
+    assert spec(demo_envoy) == {**spec(demo), "proxy": "envoy"}
