@@ -277,6 +277,14 @@ def test_envoy_overlay_agrees_with_itself(demo_envoy: list[dict[str, Any]]) -> N
     containers = {c["name"]: c for c in pod["containers"]}
     assert set(containers) == {"app", "envoy", "tuner-sidecar"}
     flags = dict(arg.split("=", 1) for arg in containers["tuner-sidecar"]["args"][1:])
+    (nginx_demo,) = [d for d in render(MANIFESTS / "overlays" / "demo")
+                     if d["kind"] == "Deployment"]
+    (nginx_sidecar,) = [c for c in nginx_demo["spec"]["template"]["spec"]["containers"]
+                        if c["name"] == "tuner-sidecar"]
+    nginx_flags = dict(a.split("=", 1) for a in nginx_sidecar["args"][1:])
+    for flag in ("--configmap", "--listen", "--caller-service-account", "--token-audience",
+                 "--app-url"):  # who may call, and where, as beside nginx
+        assert flags.get(flag) == nginx_flags.get(flag), flag
     admin = bootstrap["admin"]["address"]["socket_address"]
     assert admin["address"] == "127.0.0.1"  # the admin endpoint never leaves the pod
     assert urlsplit(flags["--envoy-admin"]).port == admin["port_value"]

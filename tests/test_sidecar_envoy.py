@@ -15,6 +15,7 @@ from tuner.lab.envoy import EnvoyProxy, in_force_idle, same_duration
 from tuner.lab.process import pick_free_port
 from tuner.load.bursts import BurstPlan, run_bursts, straddling_gaps
 from tuner.probe import parse_target, probe
+from tuner.sidecar_auth import AnyCaller
 from tuner.sidecar_envoy import EnvoyPaths, EnvoySidecar
 
 
@@ -34,7 +35,7 @@ def test_envoy_sidecar_applies_the_tuning_and_counts_races(
             app_port=upstream.port, tuning_dir=tuning))
         sidecar.step()
         port = pick_free_port()
-        server = sidecar.serve("127.0.0.1", port)
+        server = sidecar.serve("127.0.0.1", port, callers=AnyCaller())
         try:
             status = httpx.get(f"http://127.0.0.1:{port}/status").json()
             assert status["in_force"] and status["generation"] == "g1", status
@@ -66,8 +67,7 @@ def test_envoy_sidecar_applies_the_tuning_and_counts_races(
             assert (f'tuner_envoy_cluster_events_total{{kind="envoy_remote_close_with_active_rq"}}'
                     f" {n_503}") in metrics
         finally:
-            server.shutdown()
-            server.server_close()
+            server.stop()
             sidecar.stop()
 
 
@@ -75,7 +75,8 @@ def test_cli_needs_the_envoy_or_the_nginx_flags(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    tuner = [sys.executable, "-m", "tuner.cli", "sidecar", "--tuning-dir", str(tmp_path)]
+    tuner = [sys.executable, "-m", "tuner.cli", "sidecar", "--tuning-dir", str(tmp_path),
+             "--allow-unauthenticated"]
     nginx = subprocess.run(tuner, capture_output=True, text=True, timeout=60)
     assert nginx.returncode == 2 and "--render-dir, --nginx-pid, --error-log" in nginx.stderr
     envoy = subprocess.run([*tuner, "--envoy-admin", "http://127.0.0.1:9902"],

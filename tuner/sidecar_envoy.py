@@ -24,23 +24,24 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuner.analysis.signatures import ENVOY_STATS, envoy_signatures
+from tuner.boundedhttp import DEFAULT_LIMITS, BoundedHTTPServer, Limits
 from tuner.errors import ConfigError
 from tuner.lab.envoy import CLUSTER, in_force_idle, render_envoy_cds, same_duration
-from tuner.lab.errorlog import ErrorLog
 from tuner.sidecar import Sidecar, SidecarPaths, SidecarState, TuningSource, parse_tuning
+from tuner.sidecar_api import SidecarAPI
+from tuner.sidecar_auth import CallerCheck
 
 #: Envoy's own default, used when the tuning names no idle timeout
 ENVOY_DEFAULT_IDLE_S = 3600.0
 #: a CDS file is applied within a few hundred ms (0.14 s measured in the lab)
 IN_FORCE_TIMEOUT_S = 5.0
-#: Envoy writes no race lines: the base status reads a log that does not exist
-_NO_LOG = ErrorLog(Path("/nonexistent/envoy-has-no-race-log"))
 _RACE_STAT = "upstream_cx_destroy_remote_with_active_rq"
 _ADMIN_TIMEOUT_S = 2.0
 
@@ -83,18 +84,7 @@ class EnvoyAdmin:
 
 
 class EnvoySidecarState(SidecarState):
-    """Counts from Envoy's counters; the "log offset" is the race counter's value."""
-
-    admin: EnvoyAdmin | None = None
-
-    def status(self, log: Any, since: int | None) -> dict[str, Any]:
-        document = super().status(_NO_LOG, None)
-        stats = self.admin.stats() if self.admin is not None else None
-        document["log_offset"] = stats[_RACE_STAT] if stats is not None else None
-        if since is not None and stats is not None:
-            document["signatures_since"] = dict(envoy_signatures(
-                before={_RACE_STAT: since}, after={_RACE_STAT: stats[_RACE_STAT]}))
-        return document
+    """/metrics also shows Envoy's cluster counters since the sidecar started."""
 
     def metrics(self) -> str:
         text = super().metrics()
@@ -108,6 +98,26 @@ class EnvoySidecarState(SidecarState):
         return text + "\n".join(lines) + "\n"
 
 
+class EnvoySidecarAPI(SidecarAPI):
+    """/status's mark is the race counter's value; ?since=MARK gives the races after it."""
+
+    def __init__(self, *, admin: EnvoyAdmin, state: Any, app_url: str | None,
+                 callers: CallerCheck) -> None:
+        super().__init__(state=state, error_log=Path("/nonexistent/envoy-writes-no-race-log"),
+                         app_url=app_url, callers=callers)
+        self.admin = admin
+
+    def mark(self) -> int:
+        stats = self.admin.stats()
+        return stats[_RACE_STAT] if stats is not None else 0
+
+    def counts_since(self, mark: int) -> Counter[str] | None:
+        stats = self.admin.stats()
+        if stats is None:
+            return None
+        return envoy_signatures(before={_RACE_STAT: mark}, after={_RACE_STAT: stats[_RACE_STAT]})
+
+
 class EnvoySidecar(Sidecar):
     def __init__(self, paths: EnvoyPaths, *, poll_s: float = 0.5,
                  source: TuningSource | None = None) -> None:
@@ -119,9 +129,14 @@ class EnvoySidecar(Sidecar):
         self.envoy = paths
         self.admin = EnvoyAdmin(paths.admin_url)
         self.state = EnvoySidecarState()
-        self.state.admin = self.admin
         self._n_versions = 0
         self._baseline: dict[str, int] | None = None
+
+    def serve(self, host: str, port: int, *, callers: CallerCheck,
+              limits: Limits = DEFAULT_LIMITS) -> BoundedHTTPServer:
+        api = EnvoySidecarAPI(admin=self.admin, state=self.state, app_url=self.paths.app_url,
+                              callers=callers)
+        return BoundedHTTPServer(host, port, api.handle, limits=limits).start()
 
     def step(self) -> None:
         data = self.source.read()
