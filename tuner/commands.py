@@ -343,7 +343,6 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             timeout_s=args.watch_timeout or WATCH_TIMEOUT_S)
     else:
         source = TuningDir(Path(args.tuning_dir))
-    callers = _sidecar_callers(args, host)
     sidecar: Sidecar
     if args.envoy_admin is not None:
         sidecar = _envoy_sidecar(args, source)
@@ -359,6 +358,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
             nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
             app_url=args.app_url), poll_s=args.poll, source=source)
+    callers = _sidecar_callers(args, host)
     try:
         server = sidecar.serve(host.strip("[]"), int(port), callers=callers)
     except OSError as exc:
