@@ -32,7 +32,7 @@ KUBE_SPEC = "experiment {d}/kube.yaml --target kubernetes --db {d}/kube.db"
 #: (id, command line, exit code, what the message must name)
 CASES: list[tuple[str, str, int, str]] = [
     # durations, names and commands of the lab
-    ("lab-proxy", "lab up --proxy envoy", 2, "'envoy'"),
+    ("lab-proxy", "lab up --proxy traefik", 2, "'traefik'"),
     ("lab-upstream", "lab up --upstream tomcat", 2, "'tomcat'"),
     ("duration-zero", "lab up --proxy-idle 0s", 2, "'0s'"),
     ("duration-negative", "lab up --proxy-idle=-1s", 2, "'-1s'"),

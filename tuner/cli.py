@@ -30,6 +30,7 @@ from tuner.commands import (
 )
 from tuner.durations import EXAMPLES, parse_duration
 from tuner.errors import ConfigError, TunerError
+from tuner.kube.gateways import GATEWAY_OUTPUTS
 from tuner.lab import BUILTIN_UPSTREAMS, PROXIES
 
 #: the subparsers of `tuner`: one `_add_<command>` below adds each command
@@ -77,7 +78,8 @@ def _add_lab_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-idle", type=_duration("--proxy-idle"), default=60.0,
                         metavar="DURATION",
                         help="how long the proxy keeps idle upstream connections "
-                             "(nginx upstream keepalive_timeout; HAProxy pool-purge-delay); "
+                             "(nginx upstream keepalive_timeout; HAProxy pool-purge-delay; Envoy "
+                             "cluster common_http_protocol_options.idle_timeout); "
                              "default 60s")
     parser.add_argument("--upstream-idle", type=_duration("--upstream-idle"), default=5.0,
                         metavar="DURATION",
@@ -112,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_lab(commands: _Commands) -> None:
     lab = commands.add_parser("lab", help="run a real proxy in front of a real upstream locally",
-                              description="The local lab: a real nginx or HAProxy in front of "
-                                          "a real upstream server, on 127.0.0.1. It binds "
-                                          "loopback only: nothing it starts listens on another "
-                                          "interface.")
+                              description="The local lab: a real nginx, HAProxy or Envoy in "
+                                          "front of a real upstream server, on 127.0.0.1. It "
+                                          "binds loopback only: nothing it starts listens on "
+                                          "another interface.")
     lab_commands = lab.add_subparsers(dest="lab_command", metavar="SUBCOMMAND", required=True)
     up = lab_commands.add_parser(
         "up", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -131,6 +133,7 @@ def _add_lab(commands: _Commands) -> None:
         epilog="examples:\n"
                "  tuner lab up --proxy nginx --upstream node --proxy-idle 60s --upstream-idle 2s\n"
                "  tuner lab up --proxy haproxy --upstream uvicorn --upstream-idle 5s --json\n"
+               "  tuner lab up --proxy envoy --upstream node --proxy-idle 1h --upstream-idle 1s\n"
                "  tuner lab up --upstream-cmd 'python3 -m http.server {port} # {idle_s}'\n\n"
                + EXIT_CODES)
     _add_lab_options(up)
@@ -151,6 +154,8 @@ def _add_demo(commands: _Commands) -> None:
     demo.add_argument("--db", default="demo-results.db", metavar="PATH",
                       help="results store (default demo-results.db; replaced each run)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
+    demo.add_argument("--proxy", default="nginx", choices=sorted(PROXIES),
+                      help="the proxy in front of Node (default: nginx)")
     demo.set_defaults(handler=cmd_demo)
 
 
@@ -299,11 +304,21 @@ def _add_recommend(commands: _Commands) -> None:
         epilog="examples:\n"
                "  tuner recommend results.db\n"
                "  tuner recommend results.db --proxy-idle 60s --json\n"
-               "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n\n"
+               "  tuner recommend results.db -o configmap --namespace shop > cm.yaml\n"
+               "  tuner recommend results.db -o destinationrule --namespace shop "
+               "--host checkout.shop.svc.cluster.local\n"
+               "  tuner recommend results.db -o backendtrafficpolicy --namespace shop "
+               "--target-ref HTTPRoute/checkout\n\n"
                "margin: by default the larger of 1 s and 10 % of the measured close.\n\n"
                + EXIT_CODES)
     _add_recommend_options(rec)
-    rec.add_argument("-o", "--output", choices=("text", "json", "configmap"), default="text")
+    rec.add_argument("-o", "--output", default="text",
+                     choices=("text", "json", "configmap", *GATEWAY_OUTPUTS),
+                     help="text, json, the ConfigMaps (configmap), or the Envoy family's "
+                          "object with the app's ConfigMap key: an Istio DestinationRule "
+                          "(destinationrule, needs --host) or an Envoy Gateway "
+                          "BackendTrafficPolicy (backendtrafficpolicy, needs --target-ref)")
+    _add_gateway_options(rec)
     rec.add_argument("--json", action="store_true", help="same as -o json")
     rec.set_defaults(handler=cmd_recommend)
 
@@ -324,6 +339,12 @@ def _add_apply(commands: _Commands) -> None:
                "(get on namespaces is used for a clearer error when one is missing).\n\n"
                + EXIT_CODES)
     _add_recommend_options(apply)
+    apply.add_argument("-o", "--output", default="configmap",
+                       choices=("configmap", *GATEWAY_OUTPUTS),
+                       help="what to write: the ConfigMaps (default), or an Istio "
+                            "DestinationRule / Envoy Gateway BackendTrafficPolicy with the app's "
+                            "ConfigMap key, merged into an existing object's other fields")
+    _add_gateway_options(apply)
     apply.add_argument("--kubeconfig", metavar="PATH",
                        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the "
                             "in-cluster service account)")
@@ -400,9 +421,18 @@ def _add_sidecar(commands: _Commands) -> None:
                          help="with --configmap: the API server ends each watch after this, and "
                               "the sidecar re-watches from the last resourceVersion (default "
                               "60s, at least 1s)")
-    sidecar.add_argument("--render-dir", required=True, metavar="DIR")
-    sidecar.add_argument("--nginx-pid", required=True, metavar="FILE")
-    sidecar.add_argument("--error-log", required=True, metavar="FILE")
+    sidecar.add_argument("--render-dir", metavar="DIR", help="beside nginx (required there)")
+    sidecar.add_argument("--nginx-pid", metavar="FILE", help="beside nginx (required there)")
+    sidecar.add_argument("--error-log", metavar="FILE", help="beside nginx (required there)")
+    envoy = sidecar.add_argument_group(
+        "beside Envoy instead of nginx (tuner/sidecar_envoy.py): the idle timeout goes into "
+        "the CDS file Envoy watches, races are counted from its admin stats")
+    envoy.add_argument("--envoy-admin", metavar="URL",
+                       help="Envoy's admin endpoint in the pod, e.g. http://127.0.0.1:9902")
+    envoy.add_argument("--envoy-cds", metavar="FILE",
+                       help="the CDS file of Envoy's bootstrap (cds_config.path_config_source)")
+    envoy.add_argument("--app-port", type=int, metavar="PORT",
+                       help="the app's port in the pod: cluster 'app' goes to 127.0.0.1:PORT")
     sidecar.add_argument("--nginx-conf", metavar="FILE",
                          help="check each rendering with `nginx -t -c FILE` before reloading")
     sidecar.add_argument("--app-url", metavar="URL",
@@ -430,6 +460,15 @@ def _add_sidecar(commands: _Commands) -> None:
     sidecar.set_defaults(handler=cmd_sidecar)
 
 
+def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", metavar="HOST",
+                        help="-o destinationrule: the app's host, as the DestinationRule's "
+                             "spec.host (e.g. checkout.shop.svc.cluster.local)")
+    parser.add_argument("--target-ref", action="append", metavar="KIND/NAME",
+                        help="-o backendtrafficpolicy: what the policy applies to, e.g. "
+                             "HTTPRoute/checkout or Gateway/eg (repeatable)")
+
+
 def _add_recommend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("db", metavar="DB")
     parser.add_argument("--margin", type=_duration("--margin"), metavar="DURATION")
@@ -440,8 +479,10 @@ def _add_recommend_options(parser: argparse.ArgumentParser) -> None:
                         help="which upstream setting of the grid (default: the smallest)")
     parser.add_argument("--target-rate", type=float, default=0.02, metavar="RATE",
                         help="the failure rate the evidence must bound, 95 %% (default 0.02)")
-    parser.add_argument("--name", default="tuner-keepalive", help="ConfigMap name")
-    parser.add_argument("--namespace", default="default", help="ConfigMap namespace")
+    parser.add_argument("--name", default="tuner-keepalive",
+                        help="name of the ConfigMap (or DestinationRule, BackendTrafficPolicy)")
+    parser.add_argument("--namespace", default="default",
+                        help="its namespace (default: default)")
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

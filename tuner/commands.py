@@ -11,11 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tuner.durations import format_seconds
 from tuner.errors import ConfigError, KubeError, LabError, LoadError, TunerError
+from tuner.kube.gateways import GATEWAY_OUTPUTS
 from tuner.lab import Lab
 from tuner.lab.upstreams import upstream_from
 
@@ -74,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _clear_demo_store(Path(args.db))
     say = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
-    run = run_demo(db=args.db, say=say)
+    run = run_demo(db=args.db, say=say, proxy=args.proxy)
     if args.json:
         print(json.dumps(_experiment_document(run), indent=2))
     else:
@@ -270,11 +271,25 @@ def _findings(args: argparse.Namespace) -> Findings:
                         upstream_idle_s=args.upstream_idle, target_rate=args.target_rate)
 
 
+def _objects(args: argparse.Namespace, findings: Findings, output: str | None = None
+             ) -> list[dict[str, Any]]:
+    """What `recommend -o ...` prints and `apply` writes: the ConfigMaps, or (-o
+    destinationrule / backendtrafficpolicy) the Envoy family's object and the app's key."""
+    from tuner.kube.gateways import parse_target_ref
+
+    output = output or args.output
+    if output not in GATEWAY_OUTPUTS:
+        return findings.configmaps(name=args.name, namespace=args.namespace)
+    return findings.gateway_objects(
+        output, name=args.name, namespace=args.namespace, host=args.host,
+        target_refs=[parse_target_ref(ref) for ref in args.target_ref or ()])
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from tuner.kube.apply import apply_configmaps
     from tuner.kube.client import connect
 
-    objects = _findings(args).configmaps(name=args.name, namespace=args.namespace)
+    objects = _objects(args, _findings(args))
     connection = connect(kubeconfig=args.kubeconfig, context=args.context)
     results = apply_configmaps(connection, objects, dry_run=args.dry_run)
     if args.json:
@@ -282,7 +297,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                          indent=2))
     else:
         for result in results:
-            print(f"{result.action:13} configmap {result.namespace}/{result.name}")
+            print(f"{result.action:13} {result.kind.lower()} {result.namespace}/{result.name}")
             if result.diff and args.dry_run:
                 print("\n".join(f"    {line}" for line in result.diff.splitlines()))
     return 0
@@ -328,12 +343,22 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             timeout_s=args.watch_timeout or WATCH_TIMEOUT_S)
     else:
         source = TuningDir(Path(args.tuning_dir))
+    sidecar: Sidecar
+    if args.envoy_admin is not None:
+        sidecar = _envoy_sidecar(args, source)
+    else:
+        missing = [flag for flag, value in (("--render-dir", args.render_dir),
+                                            ("--nginx-pid", args.nginx_pid),
+                                            ("--error-log", args.error_log)) if value is None]
+        if missing:
+            raise ConfigError(f"beside nginx the sidecar needs {', '.join(missing)} (or, beside "
+                              "Envoy, --envoy-admin URL --envoy-cds FILE --app-port PORT)")
+        sidecar = Sidecar(SidecarPaths(
+            render_dir=Path(args.render_dir),
+            nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
+            nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
+            app_url=args.app_url), poll_s=args.poll, source=source)
     callers = _sidecar_callers(args, host)
-    sidecar = Sidecar(SidecarPaths(
-        render_dir=Path(args.render_dir),
-        nginx_pid=Path(args.nginx_pid), error_log=Path(args.error_log),
-        nginx_conf=Path(args.nginx_conf) if args.nginx_conf else None,
-        app_url=args.app_url), poll_s=args.poll, source=source)
     try:
         server = sidecar.serve(host.strip("[]"), int(port), callers=callers)
     except OSError as exc:
@@ -400,6 +425,26 @@ def _sidecar_callers(args: argparse.Namespace, host: str) -> CallerCheck:
                                 audience=args.token_audience)
 
 
+def _envoy_sidecar(args: argparse.Namespace, source: Any) -> Any:
+    """`tuner sidecar --envoy-admin URL --envoy-cds FILE --app-port PORT` (tuner.sidecar_envoy)."""
+    from tuner.sidecar_envoy import EnvoyPaths, EnvoySidecar
+
+    admin = urlsplit(args.envoy_admin)
+    if admin.scheme != "http" or not admin.hostname:
+        raise ConfigError(f"--envoy-admin {args.envoy_admin!r} is not an http:// URL of "
+                          "Envoy's admin endpoint, e.g. http://127.0.0.1:9902")
+    if args.envoy_cds is None or args.app_port is None:
+        raise ConfigError("beside Envoy the sidecar needs --envoy-cds FILE (the CDS file its "
+                          "bootstrap watches) and --app-port PORT (the app's port in the pod)")
+    if not Path(args.envoy_cds).parent.is_dir():
+        raise ConfigError(f"--envoy-cds {args.envoy_cds}: its directory does not exist")
+    if not 0 < args.app_port < 65536:
+        raise ConfigError(f"--app-port {args.app_port} is not a port 1-65535")
+    return EnvoySidecar(EnvoyPaths(admin_url=args.envoy_admin, cds_path=Path(args.envoy_cds),
+                                   app_port=args.app_port, app_url=args.app_url),
+                        poll_s=args.poll, source=source)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tuner.output.html import write_report
 
@@ -428,11 +473,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     output = "json" if args.json else args.output
     if output == "json":
         print(json.dumps(findings.as_json(), indent=2))
-    elif output == "configmap":
+    elif output in ("configmap", *GATEWAY_OUTPUTS):
         import yaml
 
-        print(yaml.safe_dump_all(findings.configmaps(name=args.name, namespace=args.namespace),
-                                 sort_keys=False), end="")
+        print(yaml.safe_dump_all(_objects(args, findings, output), sort_keys=False), end="")
     else:
         print(render_findings(findings))
     return EXIT_INSUFFICIENT if findings.primary.status != "ok" else 0

@@ -32,8 +32,10 @@ def is_demo_store(db: Path) -> bool:
                for e in experiments)
 
 
-def run_demo(*, db: str, say: Callable[[str], None] = print) -> ExperimentRun:
-    spec = parse_spec({**DEMO_GRID, "db": db})
+def run_demo(*, db: str, say: Callable[[str], None] = print,
+             proxy: str = "nginx") -> ExperimentRun:
+    """The demo grid in front of `proxy` (nginx by default; haproxy, envoy)."""
+    spec = parse_spec({**DEMO_GRID, "proxy": proxy, "db": db})
     return run_experiment(spec, resume=False, say=say)
 
 
@@ -46,7 +48,7 @@ def explain_demo(run: ExperimentRun) -> str:
         return "No trial measured Node's close time; see the invalid reasons above."
     unsafe = sorted(t.proxy_idle_s for t in grid if t.verdict == "unsafe")
     return (f"Node advertised Keep-Alive: timeout=1 but closed idle connections after "
-            f"{close_s:.2f} s. Unsafe: nginx idle timeouts "
+            f"{close_s:.2f} s. Unsafe: {run.spec.proxy} idle timeouts "
             f"{', '.join(f'{s:g}s' for s in unsafe) or 'none'} (at or above that). The rule: "
             "the proxy's idle timeout must be below the upstream's REAL close time, minus a "
             f"margin. Results: {run.db} (`tuner results {run.db}`).")

@@ -112,3 +112,10 @@ def haproxy_time(seconds: float) -> str:
 def plain_seconds(seconds: float) -> str:
     """A number of seconds without a unit, shortest form: 2.0 -> "2", 0.25 -> "0.25"."""
     return f"{seconds:.6f}".rstrip("0").rstrip(".")
+
+
+def envoy_duration(seconds: float) -> str:
+    """Envoy's JSON form of a protobuf Duration: "1.500s"; whole milliseconds, as the other
+    proxies take (Envoy would take nanoseconds, but a grid finer than 1 ms means nothing)."""
+    ms = whole_ms(seconds, server="Envoy")
+    return f"{ms // 1000}.{ms % 1000:03d}s"

@@ -19,7 +19,13 @@ from tuner.analysis.recommend import Recommendation, recommend
 from tuner.durations import format_seconds
 from tuner.errors import ConfigError
 from tuner.experiment.spec import ExperimentSpec
-from tuner.kube.objects import recommendation_configmaps, server_snippets
+from tuner.kube.gateways import TargetRef, gateway_object
+from tuner.kube.objects import (
+    app_configmap,
+    provenance,
+    recommendation_configmaps,
+    server_snippets,
+)
 from tuner.store import ResultsStore
 from tuner.trial import Trial
 
@@ -67,6 +73,25 @@ class Findings:
             self.primary, name=name, namespace=namespace, experiment_id=self.experiment_id,
             generated_at=generated_at, proxy=self.spec.proxy, upstream=self.upstream,
             write_back=self.spec.write_back)
+
+    def gateway_objects(self, output: str, *, name: str, namespace: str, host: str | None,
+                        target_refs: list[TargetRef]) -> list[dict[str, Any]]:
+        """`-o destinationrule` / `-o backendtrafficpolicy`: the Envoy family's object with
+        the recommended proxy idle timeout, then the app's ConfigMap key (write_back.app)."""
+        rec = self.primary
+        if rec.proxy_idle_s is None or rec.upstream_idle_s is None or rec.status != "ok":
+            raise ConfigError("the data does not support a recommendation, so there is "
+                              f"nothing to write: {rec.more_load}")
+        generated_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        annotations = provenance(rec, experiment_id=self.experiment_id,
+                                 generated_at=generated_at)
+        objects = [gateway_object(output, proxy_idle_s=rec.proxy_idle_s, name=name,
+                                  namespace=namespace, host=host, target_refs=target_refs,
+                                  annotations=annotations)]
+        if "app" in self.spec.write_back:
+            objects.append(app_configmap(rec.upstream_idle_s, self.spec.write_back["app"],
+                                         annotations=annotations))
+        return objects
 
 
 def load_findings(db: Path, *, margin_s: float | None, proxy_idle_s: float | None,

@@ -177,15 +177,24 @@ class SidecarAPI:
         is_caller = verdict.is_allowed
         document = self.state.status()
         if is_caller:
-            document["log_offset"] = _log_size(self.error_log)
+            document["log_offset"] = self.mark()
         if "since" in query:
-            counts = count_since(self.error_log, query["since"])
+            counts = self.counts_since(query["since"])
             if counts is None:
                 return _json(503, {"error": f"more than {MAX_SINCE_BYTES // 2**20} MiB of "
                                             f"log were written since offset {query['since']}: "
                                             "too much for one /status to count"})
             document["signatures_since"] = dict(counts)
         return _json(200, document)
+
+    # -- where the proxy's race count stands; tuner.sidecar_envoy reads Envoy's counters --
+    def mark(self) -> int:
+        """The mark a runner keeps before its load: the error log's size."""
+        return _log_size(self.error_log)
+
+    def counts_since(self, mark: int) -> Counter[str] | None:
+        """The signatures after `mark` (None: too much log to count)."""
+        return count_since(self.error_log, mark)
 
     def _refused(self, status: int, reason: str, what: str) -> Response:
         headers = (CHALLENGE,) if status == 401 else ()

@@ -2,7 +2,9 @@
 
 A keep-alive race looks different per proxy: nginx answers 502, Envoy 503, and HAProxy may
 close the client connection without any status, so "connection reset / empty reply" is a
-class of its own, never folded into "other".
+class of its own, never folded into "other". Envoy answers 503 for other causes too (no
+healthy upstream, overflow, connect failure); only the body of a reset on a connection the
+upstream ended (response flag UC) marks its race, and the rest are `503_other`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from enum import StrEnum
 class Outcome(StrEnum):
     OK = "2xx"
     BAD_GATEWAY = "502"
-    UNAVAILABLE = "503"
+    UNAVAILABLE = "503"  # the race's 503 (Envoy, flag UC), or a 503 of a record before 503_other
+    UNAVAILABLE_OTHER = "503_other"  # a 503 of another cause (no healthy upstream, overflow)
     GATEWAY_TIMEOUT = "504"
     OTHER_STATUS = "other_status"
     RESET = "reset"  # connection reset or closed with no reply (HAProxy's silent close)
@@ -27,6 +30,20 @@ FAILURES = frozenset(Outcome) - {Outcome.OK}
 #: the outcomes that follow the keep-alive race: 502 (nginx), 503 (Envoy), a reset or empty
 #: reply (HAProxy's silent close); 504s, timeouts and refused connections have other causes
 RACE_OUTCOMES = frozenset({Outcome.BAD_GATEWAY, Outcome.UNAVAILABLE, Outcome.RESET})
+
+
+#: the end of Envoy's local reply body when the upstream ended the connection before any
+#: response header (response flag UC): "upstream connect error or disconnect/reset before
+#: headers. reset reason: connection termination" (with retries: "retried and the latest
+#: reset reason: connection termination")
+ENVOY_RACE_BODY = "reset reason: connection termination"
+
+
+def outcome_of_response(status: int, body: str) -> Outcome:
+    """An HTTP answer as an outcome: a 503 is the race's only with Envoy's UC body."""
+    if status == 503 and ENVOY_RACE_BODY not in body:
+        return Outcome.UNAVAILABLE_OTHER
+    return outcome_of_status(status)
 
 
 def outcome_of_status(status: int) -> Outcome:

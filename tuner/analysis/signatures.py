@@ -1,4 +1,4 @@
-"""Proxy error-log signatures of the keep-alive race (pure).
+"""Proxy error-log signatures (and Envoy's admin counters) of the keep-alive race (pure).
 
 nginx logs the race at [error] even when it hides it from the client by retrying an
 idempotent request on a fresh connection, so counting these lines shows hidden races too.
@@ -25,6 +25,32 @@ NGINX_OTHER_SIGNATURES = {
 HAPROXY_RACE_STATES = ("SH", "SD")
 # httplog: ... status bytes captured_request_cookie captured_response_cookie STATE ...
 _HAPROXY_STATE = re.compile(r"\s-?\d{1,3}\s+-?\d+\s+\S+\s+\S+\s+([A-Za-z-]{4})\s")
+
+
+#: Envoy cluster counters the lab reads per trial, by what they mean. A request written into
+#: a connection the upstream closed ends the connection with a request on it: one race. The
+#: others are failures of another cause (the upstream refused, the pool overflowed).
+ENVOY_STATS = {
+    "upstream_cx_destroy_remote_with_active_rq": "envoy_remote_close_with_active_rq",
+    "upstream_cx_connect_fail": "envoy_connect_fail",
+    "upstream_rq_pending_overflow": "envoy_overflow",
+    # a retry of the request (only with a route retry policy): a race the client did not see
+    "upstream_rq_retry": "envoy_retry",
+}
+OTHER_SIGNATURES = frozenset({*NGINX_OTHER_SIGNATURES, "envoy_connect_fail", "envoy_overflow",
+                              "envoy_retry"})
+
+
+def envoy_signatures(*, before: Mapping[str, int], after: Mapping[str, int]) -> Counter[str]:
+    """What Envoy counted between two snapshots of its cluster counters. A counter that went
+    down was reset (the cluster was replaced): its value after is all that is known."""
+    counts: Counter[str] = Counter()
+    for stat, kind in ENVOY_STATS.items():
+        now, then = after.get(stat, 0), before.get(stat, 0)
+        delta = now - then if now >= then else now
+        if delta:
+            counts[kind] = delta
+    return counts
 
 
 def is_nginx_race_line(line: str) -> bool:
@@ -60,4 +86,4 @@ def count_haproxy_signatures(lines: Iterable[str]) -> Counter[str]:
 
 def n_races(counts: Mapping[str, int]) -> int:
     """How many counted lines are keep-alive race signatures (not other causes)."""
-    return sum(n for kind, n in counts.items() if kind not in NGINX_OTHER_SIGNATURES)
+    return sum(n for kind, n in counts.items() if kind not in OTHER_SIGNATURES)

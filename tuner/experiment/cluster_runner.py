@@ -112,10 +112,10 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
                            tick: Callable[[str], None] | None = None,
                            poll_s: float = 1.0) -> ClusterRun:
     """Run (or continue, from the ledger) an experiment in the cluster."""
-    if spec.proxy != "nginx":
+    if spec.proxy not in ("nginx", "envoy"):
         raise ConfigError(f"proxy: {spec.proxy!r}: in a cluster the tuner sidecar drives the "
-                          "proxy, and it drives nginx only; run HAProxy experiments on the "
-                          "local lab")
+                          "proxy, and it drives nginx and Envoy only; run HAProxy experiments "
+                          "on the local lab")
     target = cluster_target(spec.kubernetes, upstream_idle_s=spec.upstream_idle_s,
                             proxy_idle_s=spec.proxy_idle_s)
     connection = connect(kubeconfig=kubeconfig, context=context)

@@ -7,7 +7,7 @@ One trial = one cell of the grid (proxy idle x upstream idle) and one repeat:
   2. probe the upstream's real idle close time (it is what the gaps straddle, and it is
      recorded with the trial); the control trial takes its proxy idle timeout from it;
   3. run the race-hunting Locust load, bounded by the budget and the stopping rule;
-  4. count the proxy's error-log signatures written during the trial;
+  4. count the proxy's race signatures of the trial (error log, or Envoy's admin stats);
   5. judge it (tuner.analysis.judge), or mark the trial invalid with its cause;
   6. write it to the results store in one transaction, before the next trial starts.
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuner import __version__
-from tuner.analysis.signatures import count_haproxy_signatures, count_nginx_signatures
 from tuner.durations import format_seconds
 from tuner.errors import ConfigError, ProbeError
 from tuner.experiment.spec import ExperimentSpec
@@ -201,13 +200,11 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
         gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
     except InvalidTrial as exc:
         raise InvalidTrial(str(exc), trial) from None
-    mark = lab.proxy.error_log.mark()
+    mark = lab.proxy.race_mark()
     results = run_locust(
         load_plan(spec, lab.proxy.url, gaps_s), workdir=lab.workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
-    lines = lab.proxy.error_log.lines_since(mark)
-    signatures = (count_nginx_signatures(lines) if spec.proxy == "nginx"
-                  else count_haproxy_signatures(lines))
+    signatures = lab.proxy.race_signatures_since(mark)
     problem = lab.problem()
     return measured_trial(trial, gaps_s=gaps_s, results=results, signatures=signatures,
                           problem=f"a lab process died during the trial: {problem}"

@@ -1,6 +1,6 @@
 """The experiment spec: a YAML file with the same fields as `tuner experiment`'s flags.
 
-    proxy: nginx                    # nginx | haproxy
+    proxy: nginx                    # nginx | haproxy | envoy
     upstream: node                  # node | uvicorn | gunicorn | hypercorn
     # upstream_cmd: "node app.js --port {port} --keep-alive-ms {idle_ms}"
     proxy_idle: [1s, 3s]            # the grid: proxy idle values x upstream idle values
@@ -43,8 +43,9 @@ from tuner.analysis.stopping import StopRule
 from tuner.durations import duration_field
 from tuner.errors import ConfigError, TunerError
 from tuner.load.methods import parse_method_mix
+from tuner.proxy_names import PROXY_NAMES
 
-PROXIES = ("nginx", "haproxy")
+PROXIES = PROXY_NAMES
 UPSTREAMS = ("node", "uvicorn", "gunicorn", "hypercorn")
 AROUND_CLOSE = "around_close"
 

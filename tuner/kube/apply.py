@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from tuner.errors import KubeError, KubeForbidden, KubeNotFound
 from tuner.kube.client import (
     REQUEST_TIMEOUT,
@@ -34,6 +36,7 @@ class ApplyResult:
     #: "created", "updated", "unchanged", or with --dry-run "would create" / "would update"
     action: str
     diff: str
+    kind: str = "ConfigMap"
 
 
 def _diff(namespace: str, name: str, before: Mapping[str, str],
@@ -47,8 +50,25 @@ def _diff(namespace: str, name: str, before: Mapping[str, str],
 
 def apply_configmaps(connection: Connection, objects: list[dict[str, Any]], *,
                      dry_run: bool) -> list[ApplyResult]:
-    """Create or update each ConfigMap, merging our keys into existing data."""
-    return [_apply_one(connection, obj, dry_run=dry_run) for obj in objects]
+    """Create or update each object, merging ours into what exists: a ConfigMap's keys into
+    its data, a DestinationRule's or BackendTrafficPolicy's fields into its spec."""
+    return [_apply_one(connection, obj, dry_run=dry_run) if obj["kind"] == "ConfigMap"
+            else _apply_custom(connection, obj, dry_run=dry_run) for obj in objects]
+
+
+def _apply_custom(connection: Connection, obj: dict[str, Any], *, dry_run: bool
+                  ) -> ApplyResult:
+    from tuner.kube.custom import write_custom
+
+    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    action, before, after = write_custom(connection, obj, dry_run=dry_run)
+    diff = "\n".join(difflib.unified_diff(
+        yaml.safe_dump(before, sort_keys=True).splitlines() if before else [],
+        yaml.safe_dump(after, sort_keys=True).splitlines(),
+        f"{obj['kind']} {namespace}/{name} spec (cluster)",
+        f"{obj['kind']} {namespace}/{name} spec (tuner)", lineterm=""))
+    return ApplyResult(namespace, name, action, diff if action != "unchanged" else "",
+                       kind=obj["kind"])
 
 
 def _apply_one(connection: Connection, obj: dict[str, Any], *, dry_run: bool) -> ApplyResult:

@@ -72,6 +72,11 @@ def server_snippets(proxy_idle_s: float, upstream_idle_s: float, upstream: str, 
     snippets = {
         "nginx-snippet": f"upstream app {{ keepalive 32; "
                          f"keepalive_timeout {round(proxy_idle_s * 1000)}ms; }}",
+        "envoy-snippet": f"cluster typed_extension_protocol_options HttpProtocolOptions "
+                         f"common_http_protocol_options.idle_timeout: "
+                         f"{round(proxy_idle_s * 1000)}ms (DestinationRule / "
+                         "BackendTrafficPolicy: tuner recommend -o destinationrule | "
+                         "-o backendtrafficpolicy)",
         "haproxy-snippet": f"server app ... pool-purge-delay "
                            f"{round(proxy_idle_s * 1000)}ms  # idle conns lived up to "
                            f"{max(proxy_lifetime_ratio, 1.0):.1f}x this",
@@ -94,13 +99,7 @@ def recommendation_configmaps(rec: Recommendation, *, name: str, namespace: str,
     if rec.proxy_idle_s is None or rec.upstream_idle_s is None or rec.status != "ok":
         raise ConfigError("the data does not support a recommendation, so there is nothing "
                           f"to write: {rec.more_load}")
-    evidence = rec.evidence.text if rec.evidence else "none"
-    annotations = {
-        f"{ANNOTATION_PREFIX}/experiment-id": experiment_id,
-        f"{ANNOTATION_PREFIX}/generated-at": generated_at,
-        f"{ANNOTATION_PREFIX}/tuner-version": __version__,
-        f"{ANNOTATION_PREFIX}/evidence": evidence,
-    }
+    annotations = provenance(rec, experiment_id=experiment_id, generated_at=generated_at)
     data = {
         "proxy": proxy,
         "upstream": upstream,
@@ -123,13 +122,30 @@ def recommendation_configmaps(rec: Recommendation, *, name: str, namespace: str,
                                  data={"upstream-keepalive-timeout": str(seconds)},
                                  annotations=annotations))
     if "app" in write_back:
-        target = write_back["app"]
-        unit = target.get("unit", "ms")
-        value = (math.ceil(round(rec.upstream_idle_s * 1000, 6)) if unit == "ms"
-                 else math.ceil(round(rec.upstream_idle_s, 6)))
-        objects.append(configmap(name=target["name"], namespace=target["namespace"],
-                                 data={target["key"]: str(value)}, annotations=annotations))
+        objects.append(app_configmap(rec.upstream_idle_s, write_back["app"],
+                                     annotations=annotations))
     return objects
+
+
+def provenance(rec: Recommendation, *, experiment_id: str, generated_at: str
+               ) -> dict[str, str]:
+    """The annotations every written object carries: where its values come from."""
+    return {
+        f"{ANNOTATION_PREFIX}/experiment-id": experiment_id,
+        f"{ANNOTATION_PREFIX}/generated-at": generated_at,
+        f"{ANNOTATION_PREFIX}/tuner-version": __version__,
+        f"{ANNOTATION_PREFIX}/evidence": rec.evidence.text if rec.evidence else "none",
+    }
+
+
+def app_configmap(upstream_idle_s: float, target: Mapping[str, Any], *,
+                  annotations: Mapping[str, str]) -> dict[str, Any]:
+    """`write_back.app`: the app's idle setting in its ConfigMap key (rounded up)."""
+    unit = target.get("unit", "ms")
+    value = (math.ceil(round(upstream_idle_s * 1000, 6)) if unit == "ms"
+             else math.ceil(round(upstream_idle_s, 6)))
+    return configmap(name=target["name"], namespace=target["namespace"],
+                     data={target["key"]: str(value)}, annotations=annotations)
 
 
 def parse_write_back(value: object) -> dict[str, Any]:

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
+from tuner.analysis.signatures import count_haproxy_signatures
 from tuner.durations import haproxy_time
 from tuner.lab.errorlog import ErrorLog
 from tuner.lab.process import LOOPBACK, require_program
@@ -88,6 +91,9 @@ class HaproxyProxy(Proxy):
     def render(self, proxy_idle_s: float) -> str:
         return render_haproxy_cfg(listen_port=self.listen_port, upstream_port=self.upstream_port,
                                   proxy_idle_s=proxy_idle_s, generation=self.generation)
+
+    def count_signatures(self, lines: Iterable[str]) -> Counter[str]:
+        return count_haproxy_signatures(lines)
 
     def check_argv(self, conf_path: Path) -> list[str]:
         return [self.binary, "-c", "-q", "-f", str(conf_path)]

@@ -15,13 +15,17 @@ from pathlib import Path
 from types import TracebackType
 
 from tuner.errors import ConfigError, ProcessStartError
+from tuner.lab.envoy import EnvoyProxy
 from tuner.lab.haproxy import HaproxyProxy
 from tuner.lab.nginx import NginxProxy
 from tuner.lab.process import LOOPBACK, ManagedProcess, held_signals, http_get, pick_free_port
 from tuner.lab.proxy import Proxy
 from tuner.lab.upstreams import Upstream
+from tuner.proxy_names import PROXY_NAMES
 
-PROXIES: dict[str, type[Proxy]] = {"nginx": NginxProxy, "haproxy": HaproxyProxy}
+PROXIES: dict[str, type[Proxy]] = {cls.name: cls
+                                   for cls in (NginxProxy, HaproxyProxy, EnvoyProxy)}
+assert tuple(PROXIES) == PROXY_NAMES, "tuner/proxy_names.py is the list of proxies"
 #: Application servers can take a while to import (gunicorn boots a worker first).
 UPSTREAM_READY_TIMEOUT_S = 20.0
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
+from tuner.analysis.signatures import count_nginx_signatures
 from tuner.durations import nginx_time
 from tuner.lab.errorlog import ErrorLog
 from tuner.lab.process import LOOPBACK, require_program
@@ -98,6 +101,9 @@ class NginxProxy(Proxy):
     def _argv(self, conf_path: Path, *extra: str) -> list[str]:
         return [self.binary, "-p", str(self.workdir), "-c", str(conf_path),
                 "-e", str(self.error_log.path), *extra]
+
+    def count_signatures(self, lines: Iterable[str]) -> Counter[str]:
+        return count_nginx_signatures(lines)
 
     def check_argv(self, conf_path: Path) -> list[str]:
         return self._argv(conf_path, "-t", "-q")

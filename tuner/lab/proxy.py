@@ -12,6 +12,8 @@ from __future__ import annotations
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from tuner.errors import ProcessStartError, ProxyConfigError
@@ -24,6 +26,8 @@ GENERATION_PATH = "/__tuner/generation"
 CLIENT_IDLE_S = 600.0
 #: `nginx -t` / `haproxy -c` take milliseconds; a hang means something else is wrong.
 CHECK_TIMEOUT_S = 30.0
+#: a position in the proxy's own count of races: a log offset, or a snapshot of counters
+ProxyMark = int | dict[str, int]
 
 
 class Proxy(ABC):
@@ -35,7 +39,7 @@ class Proxy(ABC):
     reload_signal: int
 
     def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int) -> None:
-        self.binary = require_program(self.name, package=self.package)
+        self.binary = self.find_binary()
         self.workdir = workdir
         self.listen_port = listen_port
         self.upstream_port = upstream_port
@@ -58,6 +62,25 @@ class Proxy(ABC):
     @abstractmethod
     def run_argv(self) -> list[str]:
         """The foreground master process."""
+
+    @abstractmethod
+    def count_signatures(self, lines: Iterable[str]) -> Counter[str]:
+        """Race (and other upstream-failure) signatures in lines of this proxy's log."""
+
+    @classmethod
+    def find_binary(cls) -> str:
+        """The proxy's program, or a MissingProgramError saying how to install it."""
+        return require_program(cls.name, package=cls.package)
+
+    # -- the proxy's own count of races during a trial ---------------------------------
+    def race_mark(self) -> ProxyMark:
+        """Where the proxy's race count stands now (an error-log offset by default)."""
+        return self.error_log.mark()
+
+    def race_signatures_since(self, mark: ProxyMark) -> Counter[str]:
+        """What the proxy counted since `mark`: races, and failures of other causes."""
+        assert isinstance(mark, int)
+        return self.count_signatures(self.error_log.lines_since(mark))
 
     def version(self) -> str:
         """The proxy's version, e.g. "1.22.1"."""

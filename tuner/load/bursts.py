@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tuner.analysis.outcomes import Outcome, OutcomeCounts, outcome_of_status
+from tuner.analysis.outcomes import Outcome, OutcomeCounts, outcome_of_response
 from tuner.errors import ConfigError, LoadError
 
 
@@ -153,13 +153,14 @@ class _BurstClient:
         response = http.client.HTTPResponse(conn.sock, method=self.plan.method)
         try:
             response.begin()
-            response.read()
+            body = response.read()
         except TimeoutError:
             return Outcome.TIMEOUT, False
         except (OSError, http.client.HTTPException):
             # reset, or closed with no (complete) reply: HAProxy's silent close looks so
             return Outcome.RESET, False
-        return outcome_of_status(response.status), not response.will_close
+        return (outcome_of_response(response.status, body.decode(errors="replace")),
+                not response.will_close)
 
     def _drop(self, i: int) -> None:
         conn = self.conns[i]

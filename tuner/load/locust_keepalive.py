@@ -36,7 +36,7 @@ from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
-from tuner.analysis.outcomes import Outcome, outcome_of_status
+from tuner.analysis.outcomes import Outcome, outcome_of_response
 from tuner.analysis.stopping import StopRule
 from tuner.errors import TunerError
 from tuner.load.conduct import STEADY, BurstTally, Hub, NextBurst, Stop
@@ -231,10 +231,11 @@ def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
         _conductor.write_results()
 
 
-def classify(status_code: int, error: BaseException | None) -> Outcome:
-    """A FastHttpUser response as an outcome; status 0 means no HTTP answer at all."""
+def classify(status_code: int, error: BaseException | None, body: str = "") -> Outcome:
+    """A FastHttpUser response as an outcome; status 0 means no HTTP answer at all. The body
+    tells Envoy's race 503 from its others."""
     if status_code:
-        return outcome_of_status(status_code)
+        return outcome_of_response(status_code, body)
     if isinstance(error, (TimeoutError, gevent.Timeout)):
         return Outcome.TIMEOUT
     if isinstance(error, ConnectionRefusedError):
@@ -272,7 +273,8 @@ class RaceHuntingUser(FastHttpUser):
         with self.client.request(method, _options(self.environment).tuner_path,
                                  data=body, catch_response=True) as response:
             error = response.request_meta.get("exception")
-            outcome = classify(response.status_code, error)
+            outcome = classify(response.status_code, error,
+                               (response.text or "") if response.status_code == 503 else "")
             if outcome is Outcome.OK:
                 response.success()
             else:
