@@ -166,7 +166,8 @@ def proxy_fix(route: Route, setting: IdleSetting, max_safe_s: float) -> str:
     if plane == dp.INGRESS_NGINX:
         whole_s = math.floor(max_safe_s)
         if whole_s < 1:
-            return ""  # it takes whole seconds only: the app side must move
+            return (f"none: {dp.INGRESS_NGINX_KEY} takes whole seconds and the largest safe "
+                    f"value is {format_seconds(max_safe_s)}; fix the app")
         return (f"ConfigMap {setting.config_ref}: {dp.INGRESS_NGINX_KEY}: \"{whole_s}\" "
                 "(global: every Ingress of this controller)")
     if plane == dp.ISTIO:
