@@ -270,7 +270,7 @@ def test_a_missing_permission_is_named_with_verb_and_resource(kube: RealCluster,
     assert done.returncode == 9, done.stderr
     assert (f"forbidden: may not list endpointslices (discovery.k8s.io/v1) in namespace "
             f"'{ns.name}'") in done.stderr
-    assert "manifests/scan/rbac.yaml" in done.stderr and "Traceback" not in done.stderr
+    assert "manifests/scan/base/rbac.yaml" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_silent_refusing_and_http2_only_pods_do_not_stall_the_scan(

@@ -26,7 +26,7 @@ from tuner.scan.discovery import Obj, Snapshot
 #: objects per page: a large cluster's pods arrive in bounded requests
 PAGE_SIZE = 500
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-RBAC_HINT = "manifests/scan/rbac.yaml lists everything the scan reads"
+RBAC_HINT = "manifests/scan/base/rbac.yaml lists everything the scan reads"
 
 
 @dataclass(frozen=True)
