@@ -1,6 +1,7 @@
 """The scan's pure layers: discovery, data-plane settings and their sources, findings and
-fixes, and the three outputs. API objects are the JSON the documentation describes; the
-probe results come from a real probe of a real server (no mocks of our own code)."""
+fixes, and the three outputs. API objects are the JSON the documentation describes; probe
+outcomes are plain values (the probing itself runs against real servers in
+tests/test_scan_real.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ import pytest
 
 from tuner.errors import ConfigError
 from tuner.output.scan import ScanReport, as_json, as_prometheus, render_table
-from tuner.probe import ProbeResult, Sample
 from tuner.scan import audit
 from tuner.scan.dataplanes import IdleSetting, data_plane_of, idle_setting
-from tuner.scan.discovery import Snapshot, pod_targets, routes_from_httproutes, routes_from_ingresses
-from tuner.scan.probing import MEASURED, ProbeOutcome, probe_url
+from tuner.scan.discovery import (
+    Snapshot,
+    pod_targets,
+    routes_from_httproutes,
+    routes_from_ingresses,
+)
+from tuner.scan.outcome import MEASURED, ProbeOutcome
+from tuner.scan.probing import probe_url
 
 
 def meta(name: str, ns: str = "shop", **extra: Any) -> dict[str, Any]:
@@ -72,6 +78,19 @@ def backend(svc: str, pods: list[tuple[str, str | None, str]], **port: Any) -> S
     return Snapshot(services=[service(svc, **port)],
                     pods=[pod(name, owner) for name, owner, _ in pods],
                     endpoint_slices=[endpoint_slice(svc, [(n, ip, True) for n, _, ip in pods])])
+
+
+def test_the_deciding_layers_do_no_io() -> None:
+    """discovery, data planes, audit, outcome and the outputs import nothing that touches
+    the world (the same list tests/test_layers.py holds analysis/ to)."""
+    from .test_layers import IO_MODULES, TUNER, _imports
+
+    for module in [*(TUNER / "scan" / f"{name}.py" for name in
+                     ("discovery", "dataplanes", "audit", "outcome")),
+                   TUNER / "output" / "scan.py"]:
+        for name in _imports(module):
+            assert not any(name == io or name.startswith(io + ".") for io in IO_MODULES), \
+                f"{module.name} imports {name}"
 
 
 # discovery
@@ -233,10 +252,7 @@ def test_nginx_gateway_fabric_upstream_settings_policy() -> None:
 # findings and fixes
 
 def measured(close_s: float | None, *, limit_s: float) -> ProbeOutcome:
-    samples = [Sample(close_s, "fin" if close_s else "none", None)]
-    return ProbeOutcome(0, MEASURED, ProbeResult("http://10.0.0.1:3000/", samples, None,
-                                                 elapsed_s=limit_s, max_idle_s=limit_s),
-                        "", limit_s)
+    return ProbeOutcome(0, MEASURED, "", limit_s, close_s=close_s)
 
 
 @pytest.mark.parametrize(("plane", "fix"), [
@@ -291,7 +307,7 @@ def test_http2_backends_are_listed_not_probed() -> None:
 
 def report() -> ScanReport:
     route = route_of(ingress("web", "web"))
-    [target], gaps = pod_targets([route], backend("web", [("p\"1", "rs", "10.0.0.1")]))
+    [target], _ = pod_targets([route], backend("web", [("p\"1", "rs", "10.0.0.1")]))
     plan = audit.plan(target, IdleSetting("ingress-nginx", 60.0, "src", config_ref="a/b"),
                       max_idle_s=120)
     return ScanReport([audit.finding(plan, measured(5.0, limit_s=67))], ["shop"],

@@ -19,7 +19,7 @@ from tuner.durations import format_seconds, plain_seconds
 from tuner.scan import dataplanes as dp
 from tuner.scan.dataplanes import IdleSetting
 from tuner.scan.discovery import Gap, PodTarget, Route
-from tuner.scan.probing import MEASURED, ProbeOutcome
+from tuner.scan.outcome import MEASURED, ProbeOutcome
 
 #: app protocols the HTTP/1.1 probe cannot speak (Service port appProtocol, ingress-nginx
 #: backend-protocol): listed, not probed
@@ -121,10 +121,9 @@ def finding(plan_: Plan, outcome: ProbeOutcome | None, *, margin_s: float | None
     if outcome is None:
         return replace(base, verdict="safe" if not setting.pools else "unprobed",
                        message=plan_.skip)
-    if outcome.status != MEASURED or outcome.result is None:
+    if outcome.status != MEASURED:
         return replace(base, probe=outcome.status, message=outcome.detail)
-    result = outcome.result
-    close_s = result.effective_close_s
+    close_s = outcome.close_s
     base = replace(base, probe=MEASURED, upstream_close_s=close_s,
                    probed_for_s=plan_.max_idle_s)
     if setting.proxy_idle_s is None:
@@ -135,8 +134,8 @@ def finding(plan_: Plan, outcome: ProbeOutcome | None, *, margin_s: float | None
         return replace(base, verdict="unknown", message=message)
     verdict = judge(proxy_idle_s=setting.proxy_idle_s, upstream_close_s=close_s,
                     max_idle_s=plan_.max_idle_s, margin_s=margin_s,
-                    closes_on_next_request=result.closes_on_next_request,
-                    keeps_alive=result.keeps_alive)
+                    closes_on_next_request=outcome.closes_on_next_request,
+                    keeps_alive=outcome.keeps_alive)
     fix_proxy = fix_app = ""
     if verdict.status == "unsafe":
         if verdict.max_safe_proxy_idle_s is not None:

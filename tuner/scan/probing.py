@@ -19,13 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tuner.errors import ConfigError, ProbeError
-from tuner.probe import ProbeResult, parse_target, probe
+from tuner.probe import parse_target, probe
+from tuner.scan.outcome import HTTP2_ONLY, MEASURED, NOT_HTTP, REFUSED, TIMEOUT, ProbeOutcome
 
-REFUSED = "refused"
-TIMEOUT = "timeout"
-HTTP2_ONLY = "http2-only"
-NOT_HTTP = "not-http"
-MEASURED = "measured"
 #: HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113 section 3.4)
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 _H2_SETTINGS = 0x04
@@ -40,15 +36,6 @@ class ProbeJob:
     host_header: str
     max_idle_s: float
     verify_tls: bool = True
-
-
-@dataclass(frozen=True)
-class ProbeOutcome:
-    key: int
-    status: str  # MEASURED, REFUSED, TIMEOUT, HTTP2_ONLY, NOT_HTTP
-    result: ProbeResult | None
-    detail: str
-    elapsed_s: float
 
 
 def probe_url(address: str, port: int, path: str, *, scheme: str = "http") -> str:
@@ -77,8 +64,11 @@ def probe_one(job: ProbeJob, *, n_samples: int, answer_timeout_s: float) -> Prob
                        connect_timeout_s=answer_timeout_s, answer_timeout_s=answer_timeout_s)
     except ProbeError as exc:
         status, detail = _classify(exc, target.host, target.port, answer_timeout_s)
-        return ProbeOutcome(job.key, status, None, detail, time.monotonic() - started)
-    return ProbeOutcome(job.key, MEASURED, result, "", time.monotonic() - started)
+        return ProbeOutcome(job.key, status, detail, time.monotonic() - started)
+    return ProbeOutcome(job.key, MEASURED, "", time.monotonic() - started,
+                        close_s=result.effective_close_s,
+                        closes_on_next_request=result.closes_on_next_request,
+                        keeps_alive=result.keeps_alive)
 
 
 def _classify(exc: ProbeError, host: str, port: int, timeout_s: float) -> tuple[str, str]:
