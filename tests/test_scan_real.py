@@ -226,6 +226,9 @@ def test_two_apps_one_exposed_one_safe_found_and_judged(kube: RealCluster, ns: K
             metrics, _ = run_scan(kubeconfig, "-n", ns.name, "-o", "prometheus",
                                   configmap_ref, "--fail-on-exposed")
 
+    print(table.stdout)  # shown with -s: the README's example is this output
+    print(f"scan: {elapsed_s:.2f} s wall with the CLI's start, {document['elapsed_s']} s "
+          "in the scan")
     found = by_service(document)
     assert set(found) == {"exposed", "safe"}, document
     exposed, safe = found["exposed"], found["safe"]
@@ -295,6 +298,8 @@ def test_silent_refusing_and_http2_only_pods_do_not_stall_the_scan(
                                        "--answer-timeout=2s", "--max-idle=30s")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
+    print(f"scan: {elapsed_s:.2f} s wall with the CLI's start, {document['elapsed_s']} s "
+          "in the scan")
     found = by_service(document)
     assert found["silent"]["probe"] == "timeout", found["silent"]
     assert found["silent"]["message"].startswith("no answer within 2 s")
