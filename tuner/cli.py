@@ -44,11 +44,12 @@ EXIT_CODES = """exit codes:
        a configuration the proxy rejected
   4    load generation failed
   5    a server could not be probed (unreachable, not HTTP/1.1)
-  6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe
+  6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe; tuner scan
+       --fail-on-exposed: a backend is exposed
   7    the results store cannot be used (not ours, newer schema, locked, disk full)
   8    tuner recommend (and experiment --target kubernetes): the data cannot support
        a recommendation (it says what would)
-  9    tuner apply, experiment --target kubernetes: the Kubernetes API refused (RBAC,
+  9    tuner apply, scan, experiment --target kubernetes: the Kubernetes API refused (RBAC,
        a missing ConfigMap, Deployment or namespace, invalid) or stayed unreachable;
        or the baseline settings could not be restored (the ledger keeps them)
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""

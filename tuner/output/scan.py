@@ -85,8 +85,7 @@ def as_json(report: ScanReport) -> str:
         "finished_at_unix_s": report.finished_at_unix_s,
         "n_exposed": report.n_exposed,
         "unreadable": dict(report.unreadable),
-        "findings": [{k: v for k, v in asdict(f).items() if k != "extra"}
-                     for f in report.findings],
+        "findings": [asdict(f) for f in report.findings],
     }
     return json.dumps(document, indent=2)
 

@@ -11,8 +11,7 @@ that is 67 s; behind a 1 h Envoy pool it is --max-idle, and a pod still open the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from tuner.analysis.verdict import judge, smallest_safe_upstream_close_s
 from tuner.durations import format_seconds, plain_seconds
@@ -70,7 +69,6 @@ class Finding:
     fix_proxy: str = ""
     fix_app: str = ""
     n_same_owner: int = 1
-    extra: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def is_exposed(self) -> bool:
