@@ -25,7 +25,7 @@ from tuner.scan.outcome import MEASURED, ProbeOutcome
 HTTP2_PROTOCOLS = {"kubernetes.io/h2c", "h2c", "grpc", "grpcs", "http2"}
 BACKEND_PROTOCOL = "nginx.ingress.kubernetes.io/backend-protocol"
 UPSTREAM_VHOST = "nginx.ingress.kubernetes.io/upstream-vhost"
-SERVER_HINTS = ("Node server.keepAliveTimeout (closes 1 s later), gunicorn --keep-alive, "
+SERVER_HINTS = ("Node server.keepAliveTimeout (Node 20 closes 1 s later), gunicorn --keep-alive, "
                 "uvicorn --timeout-keep-alive, Go http.Server.IdleTimeout")
 
 
