@@ -61,7 +61,9 @@ def probe_one(job: ProbeJob, *, n_samples: int, answer_timeout_s: float) -> Prob
     target = parse_target(job.url, host_header=job.host_header, verify_tls=job.verify_tls)
     try:
         result = probe(target, n_samples=n_samples, max_idle_s=job.max_idle_s,
-                       connect_timeout_s=answer_timeout_s, answer_timeout_s=answer_timeout_s)
+                       connect_timeout_s=answer_timeout_s, answer_timeout_s=answer_timeout_s,
+                       deadline_s=pod_deadline_s(job.max_idle_s, n_samples=n_samples,
+                                                 answer_timeout_s=answer_timeout_s))
     except ProbeError as exc:
         status, detail = _classify(exc, target.host, target.port, answer_timeout_s)
         return ProbeOutcome(job.key, status, detail, time.monotonic() - started)
@@ -71,8 +73,17 @@ def probe_one(job: ProbeJob, *, n_samples: int, answer_timeout_s: float) -> Prob
                         keeps_alive=result.keeps_alive)
 
 
+def pod_deadline_s(max_idle_s: float, *, n_samples: int, answer_timeout_s: float) -> float:
+    """The most one pod's probe may take: its idle wait, each connection's connect and first
+    answer, the window check's answer and the final reuses. A server trickling its answers
+    byte by byte would otherwise restart the answer timeout at every byte."""
+    return max_idle_s + (2 * (n_samples + 1) + 1 + n_samples) * answer_timeout_s + 1.0
+
+
 def _classify(exc: ProbeError, host: str, port: int, timeout_s: float) -> tuple[str, str]:
     cause = exc.__cause__
+    if cause is None and "total deadline" in str(exc):
+        return TIMEOUT, f"did not finish within its deadline on {host}:{port}: {exc}"
     if isinstance(cause, ConnectionRefusedError):
         return REFUSED, f"connection refused on {host}:{port}: nothing listens there"
     if isinstance(cause, TimeoutError):
