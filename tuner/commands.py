@@ -300,19 +300,26 @@ def _scan_proxy_idle(values: list[str]) -> dict[str, float]:
 
 
 def _valid_namespace_ref(value: str) -> str:
+    from tuner.kube.objects import check_name
+
     namespace, slash, name = value.partition("/")
     if not slash or not namespace or not name or "/" in name:
         raise ConfigError(f"--ingress-nginx-configmap {value!r} is not NAMESPACE/NAME, e.g. "
                           "ingress-nginx/ingress-nginx-controller")
+    check_name("--ingress-nginx-configmap namespace", namespace, max_length=63)
+    check_name("--ingress-nginx-configmap name", name)
     return value
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from tuner.kube.client import connect
+    from tuner.kube.objects import check_name
     from tuner.output.scan import as_json, as_prometheus, render_table
     from tuner.scan.listing import current_namespace
     from tuner.scan.run import ScanSettings, scan
 
+    for namespace in args.namespaces or []:
+        check_name("-n/--namespace", namespace, max_length=63)
     settings = ScanSettings(
         namespaces=args.namespaces, max_idle_s=args.max_idle,
         answer_timeout_s=args.answer_timeout, concurrency=args.concurrency,
