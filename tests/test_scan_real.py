@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,42 @@ def endpoint_slice(ns: KubeNamespace, svc: str, pods: list[Any], port: int) -> d
                           for p in pods]}
 
 
+class Pushgateway:
+    """A real HTTP server on 127.0.0.1 that records what is PUT to it, as a Pushgateway
+    would take it (200)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str, str, str]] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                received.append(("PUT", self.path, self.headers["Content-Type"], body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@contextmanager
+def pushgateway() -> Iterator[Pushgateway]:
+    gateway = Pushgateway()
+    thread = threading.Thread(target=gateway.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield gateway
+    finally:
+        gateway.server.shutdown()
+        gateway.server.server_close()
+        thread.join(timeout=10)
+
+
 def run_scan(kubeconfig: Path, *args: str, timeout_s: float = 120
              ) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
@@ -223,8 +261,10 @@ def test_two_apps_one_exposed_one_safe_found_and_judged(kube: RealCluster, ns: K
             assert done.returncode == 0, done.stderr
             document = json.loads(done.stdout)
             table, _ = run_scan(kubeconfig, "-n", ns.name, configmap_ref)
+            gateway = stack.enter_context(pushgateway())
             metrics, _ = run_scan(kubeconfig, "-n", ns.name, "-o", "prometheus",
-                                  configmap_ref, "--fail-on-exposed")
+                                  configmap_ref, "--fail-on-exposed", "--push",
+                                  f"{gateway.url}/metrics/job/tuner-scan")
 
     print(table.stdout)  # shown with -s: the README's example is this output
     print(f"scan: {elapsed_s:.2f} s wall with the CLI's start, {document['elapsed_s']} s "
@@ -263,6 +303,9 @@ def test_two_apps_one_exposed_one_safe_found_and_judged(kube: RealCluster, ns: K
             f'route="exposed",namespace="{ns.name}",service="exposed",'
             f'pod="{exposed["pod"]}",data_plane="ingress-nginx"}} 1.0') in metrics.stdout
     assert 'tuner_scan_backends{verdict="safe"} 1.0' in metrics.stdout
+    # what --push sent is what it printed, as a PUT of text exposition to the job's path
+    assert gateway.received == [("PUT", "/metrics/job/tuner-scan",
+                                 "text/plain; version=0.0.4", metrics.stdout)]
 
 
 def test_a_missing_permission_is_named_with_verb_and_resource(kube: RealCluster,
