@@ -144,12 +144,14 @@ def kube_namespace(cluster: RealCluster, tmp_path: Path, *, prefix: str = "t",
 class NodeAgent:
     """Writes what a node's kubelet would about the pods matching `selector`: once
     `on_start(pod)` has returned (the test starts or restarts its processes there), the pod
-    is Running and Ready with pod IP 127.0.0.1. With `ready=False` it never writes, as a
+    is Running and Ready with pod IP `pod_ip` (127.0.0.1). With `ready=False` it never writes, as a
     node whose pods never become ready."""
 
     def __init__(self, core_api: Any, namespace: str, selector: str, *,
-                 on_start: Callable[[Any], None] | None = None, ready: bool = True) -> None:
+                 on_start: Callable[[Any], None] | None = None, ready: bool = True,
+                 pod_ip: str = "127.0.0.1") -> None:
         self.core, self.namespace, self.selector = core_api, namespace, selector
+        self.pod_ip = pod_ip
         self.on_start, self.ready = on_start, ready
         self.started: list[str] = []  # pod names, in the order they were made ready
         self._stop = threading.Event()
@@ -190,8 +192,8 @@ class NodeAgent:
             try:
                 self.core.patch_namespaced_pod_status(
                     pod.metadata.name, self.namespace,
-                    {"status": {"phase": "Running", "podIP": "127.0.0.1",
-                                "podIPs": [{"ip": "127.0.0.1"}], "startTime": now,
+                    {"status": {"phase": "Running", "podIP": self.pod_ip,
+                                "podIPs": [{"ip": self.pod_ip}], "startTime": now,
                                 "conditions": conditions}},
                     _request_timeout=(5, 30))
             except ApiException as exc:

@@ -150,6 +150,19 @@ CASES: list[tuple[str, str, int, str]] = [
      "'ftp://x/'"),
     ("sidecar-render-dir", "sidecar --tuning-dir {d}/tuning --nginx-pid x --error-log y", 2,
      "--render-dir"),
+    # the scan
+    ("scan-namespace", "scan --kubeconfig {d}/kubeconfig -n Bad_NS", 2, "'Bad_NS'"),
+    ("scan-kubeconfig-yaml", "scan --kubeconfig {d}/broken.yaml", 2, "{d}/broken.yaml"),
+    ("scan-unreachable", "scan --kubeconfig {d}/kubeconfig -n shop", 9, "127.0.0.1:{port}"),
+    ("scan-proxy-idle", "scan --kubeconfig {d}/kubeconfig --proxy-idle traefik=soon", 2,
+     "'soon'"),
+    ("scan-max-idle", "scan --kubeconfig {d}/kubeconfig --max-idle 0", 2, "'0'"),
+    ("scan-configmap", "scan --kubeconfig {d}/kubeconfig --ingress-nginx-configmap x", 2,
+     "'x'"),
+    ("scan-configmap-ns", "scan --kubeconfig {d}/kubeconfig --ingress-nginx-configmap A/b", 2,
+     "'A'"),
+    ("scan-push", "scan --kubeconfig {d}/kubeconfig --push gateway:9091", 2,
+     "'gateway:9091'"),
 ]
 
 KUBE = "kubernetes: {namespace: shop, service_url: 'http://a.b/', deployment: app"
@@ -221,7 +234,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 def test_the_table_covers_every_command_with_40_bad_inputs() -> None:
     commands = {line.split()[0] for _, line, _, _ in CASES}
     assert commands == {"lab", "demo", "probe", "experiment", "results", "recommend", "apply",
-                        "report", "sidecar"}
+                        "report", "sidecar", "scan"}
     assert len(CASES) >= 40 and len({case_id for case_id, *_ in CASES}) == len(CASES)
 
 
@@ -243,7 +256,7 @@ def test_bad_input(bad_files: tuple[Path, int], line: str, exit_code: int, named
 
 
 @pytest.mark.parametrize("command", ["lab up", "demo", "probe", "experiment", "results",
-                                     "recommend", "apply", "report", "sidecar"])
+                                     "recommend", "apply", "report", "sidecar", "scan"])
 def test_help_prints_each_percent_sign_once(command: str) -> None:
     result = subprocess.run([*TUNER, *command.split(), "--help"], capture_output=True,
                             text=True, timeout=30)

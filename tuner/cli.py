@@ -26,6 +26,7 @@ from tuner.commands import (
     cmd_recommend,
     cmd_report,
     cmd_results,
+    cmd_scan,
     cmd_sidecar,
 )
 from tuner.durations import EXAMPLES, parse_duration
@@ -44,11 +45,12 @@ EXIT_CODES = """exit codes:
        a configuration the proxy rejected
   4    load generation failed
   5    a server could not be probed (unreachable, not HTTP/1.1)
-  6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe
+  6    tuner probe --proxy-idle: the proxy's idle timeout is unsafe; tuner scan
+       --fail-on-exposed: a backend is exposed
   7    the results store cannot be used (not ours, newer schema, locked, disk full)
   8    tuner recommend (and experiment --target kubernetes): the data cannot support
        a recommendation (it says what would)
-  9    tuner apply, experiment --target kubernetes: the Kubernetes API refused (RBAC,
+  9    tuner apply, scan, experiment --target kubernetes: the Kubernetes API refused (RBAC,
        a missing ConfigMap, Deployment or namespace, invalid) or stayed unreachable;
        or the baseline settings could not be restored (the ledger keeps them)
   130  interrupted (Ctrl-C or SIGTERM); everything started was stopped"""
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_apply(commands)
     _add_report(commands)
     _add_sidecar(commands)
+    _add_scan(commands)
     return parser
 
 
@@ -467,6 +470,66 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-ref", action="append", metavar="KIND/NAME",
                         help="-o backendtrafficpolicy: what the policy applies to, e.g. "
                              "HTTPRoute/checkout or Gateway/eg (repeatable)")
+
+
+def _add_scan(commands: _Commands) -> None:
+    scan = commands.add_parser(
+        "scan", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="audit every Service behind the cluster's proxies, no load",
+        description="Find every backend of the cluster's Ingresses and Gateway API HTTPRoutes\n"
+                    "(Service -> EndpointSlices -> pods, one pod per owner), read each data\n"
+                    "plane's upstream idle timeout and where it comes from (ingress-nginx,\n"
+                    "Istio, Envoy Gateway, NGINX Gateway Fabric), probe every pod's real idle\n"
+                    "close at once, and judge each pair. Sends no load: one request per\n"
+                    "probe connection. Takes about the longest idle period it must watch.",
+        epilog="examples:\n"
+               "  tuner scan --kubeconfig .cluster/kubeconfig\n"
+               "  tuner scan -n shop -n payments --json\n"
+               "  tuner scan --proxy-idle traefik=90s -o prometheus\n"
+               "  tuner scan -o prometheus --push http://pushgateway:9091/metrics/job/tuner-scan\n\n"
+               "RBAC needed (read-only): list on ingresses, services, endpointslices and pods\n"
+               "in each namespace; optionally httproutes, gateways, destinationrules,\n"
+               "backendtrafficpolicies, upstreamsettingspolicies, get on the ingress-nginx\n"
+               "ConfigMap, and (cluster-wide only) ingressclasses and gatewayclasses.\n"
+               "manifests/scan has them.\n\n" + EXIT_CODES)
+    scan.add_argument("-n", "--namespace", dest="namespaces", action="append",
+                      metavar="NAMESPACE",
+                      help="scan this namespace; repeatable (default: all it may read)")
+    scan.add_argument("--all-pods", action="store_true",
+                      help="probe every pod, not one per owner (ReplicaSet, StatefulSet...)")
+    scan.add_argument("--proxy-idle", dest="proxy_idle", action="append", default=[],
+                      metavar="[CLASS=]DURATION",
+                      help="the upstream idle timeout of a class the scan does not know "
+                           "(or of every class, without CLASS=); repeatable")
+    scan.add_argument("--max-idle", type=_duration("--max-idle"), default=120.0,
+                      metavar="DURATION",
+                      help="watch a pod's idle connections at most this long (default 2m)")
+    scan.add_argument("--answer-timeout", type=_duration("--answer-timeout"), default=5.0,
+                      metavar="DURATION",
+                      help="give up on a pod that does not connect or answer within this "
+                           "(default 5s)")
+    scan.add_argument("--concurrency", type=int, default=32, metavar="N",
+                      help="pods probed at once (default 32)")
+    scan.add_argument("--samples", type=int, default=2, metavar="N",
+                      help="connections measured per pod (default 2)")
+    scan.add_argument("--margin", type=_duration("--margin"), metavar="DURATION",
+                      help="safety margin (default: the larger of 1s and 10%%)")
+    scan.add_argument("--ingress-nginx-configmap", default="ingress-nginx/ingress-nginx-controller",
+                      metavar="NAMESPACE/NAME",
+                      help="the ingress-nginx controller's ConfigMap (its --configmap flag)")
+    scan.add_argument("-o", "--output", choices=("table", "json", "prometheus"),
+                      default="table", help="table (default), json or prometheus text")
+    scan.add_argument("--json", action="store_const", dest="output", const="json",
+                      help="same as -o json")
+    scan.add_argument("--push", metavar="URL",
+                      help="also PUT the Prometheus text to this Pushgateway URL")
+    scan.add_argument("--fail-on-exposed", action="store_true",
+                      help="exit 6 when a backend is exposed")
+    scan.add_argument("--kubeconfig", metavar="PATH",
+                      help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the "
+                           "in-cluster service account)")
+    scan.add_argument("--context", metavar="NAME", help="kubeconfig context")
+    scan.set_defaults(handler=cmd_scan)
 
 
 def _add_recommend_options(parser: argparse.ArgumentParser) -> None:

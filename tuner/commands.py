@@ -303,6 +303,81 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan_proxy_idle(values: list[str]) -> dict[str, float]:
+    """--proxy-idle [CLASS=]DURATION, repeatable: class name ("" for any) -> seconds."""
+    from tuner.durations import parse_duration
+
+    given: dict[str, float] = {}
+    for value in values:
+        name, _, duration = value.rpartition("=")
+        given[name.strip()] = parse_duration(duration, what=f"--proxy-idle {value!r}:")
+    return given
+
+
+def _valid_namespace_ref(value: str) -> str:
+    from tuner.kube.objects import check_name
+
+    namespace, slash, name = value.partition("/")
+    if not slash or not namespace or not name or "/" in name:
+        raise ConfigError(f"--ingress-nginx-configmap {value!r} is not NAMESPACE/NAME, e.g. "
+                          "ingress-nginx/ingress-nginx-controller")
+    check_name("--ingress-nginx-configmap namespace", namespace, max_length=63)
+    check_name("--ingress-nginx-configmap name", name)
+    return value
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from tuner.kube.client import connect
+    from tuner.kube.objects import check_name
+    from tuner.output.scan import as_json, as_prometheus, render_table
+    from tuner.scan.listing import current_namespace
+    from tuner.scan.run import ScanSettings, scan
+
+    for namespace in args.namespaces or []:
+        check_name("-n/--namespace", namespace, max_length=63)
+    settings = ScanSettings(
+        namespaces=args.namespaces, max_idle_s=args.max_idle,
+        answer_timeout_s=args.answer_timeout, concurrency=args.concurrency,
+        n_samples=args.samples, all_pods=args.all_pods, margin_s=args.margin,
+        proxy_idle_s=_scan_proxy_idle(args.proxy_idle),
+        ingress_nginx_configmap=_valid_namespace_ref(args.ingress_nginx_configmap))
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.push is not None:
+        push = urlsplit(args.push)
+        if push.scheme not in ("http", "https") or not push.hostname:
+            raise ConfigError(f"--push {args.push!r} is not an http(s) URL of a Pushgateway, "
+                              "e.g. http://pushgateway:9091/metrics/job/tuner-scan")
+    connection = connect(kubeconfig=args.kubeconfig, context=args.context)
+    report = scan(connection, settings,
+                  fallback_namespace=current_namespace(args.kubeconfig, args.context))
+    exposition = as_prometheus(report)
+    if args.output == "json":
+        print(as_json(report))
+    elif args.output == "prometheus":
+        print(exposition, end="")
+    else:
+        print(render_table(report))
+    if args.push is not None:
+        _push_metrics(args.push, exposition)
+    return EXIT_UNSAFE if args.fail_on_exposed and report.n_exposed else 0
+
+
+def _push_metrics(url: str, exposition: str) -> None:
+    import httpx
+
+    try:
+        response = httpx.put(url, content=exposition.encode(), timeout=10.0,
+                             headers={"Content-Type": "text/plain; version=0.0.4"})
+    except httpx.HTTPError as exc:
+        raise TunerError(f"--push {url}: {exc!r}; is the Pushgateway there?") from exc
+    if response.status_code >= 300:
+        raise TunerError(f"--push {url}: the Pushgateway answered {response.status_code}: "
+                         f"{response.text[:200]}")
+
+
 def cmd_sidecar(args: argparse.Namespace) -> int:
     from tuner.sidecar import Sidecar, SidecarPaths, TuningDir, TuningSource
 

@@ -199,13 +199,16 @@ def parse_keep_alive_timeout(header: str | None) -> float | None:
 class _Conn:
     """One probe connection and what happened to it."""
 
-    def __init__(self, target: ProbeTarget, *, until: float = math.inf) -> None:
+    def __init__(self, target: ProbeTarget, *, until: float = math.inf,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 answer_timeout_s: float = RESPONSE_TIMEOUT_S) -> None:
         self.target = target
         #: time.monotonic() by which the whole probe must end (its total deadline)
         self.until = until
+        self.answer_timeout_s = answer_timeout_s
         try:
             raw = socket.create_connection((target.host, target.port),
-                                           timeout=self.timeout_s(CONNECT_TIMEOUT_S))
+                                           timeout=self.timeout_s(connect_timeout_s))
         except OSError as exc:
             raise ProbeError(
                 f"cannot connect to {target.host}:{target.port} ({target.url}): "
@@ -240,7 +243,7 @@ class _Conn:
         """Send the request and read the whole response, blocking; OSError/HTTPException
         when the server does not answer."""
         self.sock.setblocking(True)
-        self.sock.settimeout(self.timeout_s(RESPONSE_TIMEOUT_S))
+        self.sock.settimeout(self.timeout_s(self.answer_timeout_s))
         self.sock.sendall(self.target.request_bytes())
         response = http.client.HTTPResponse(self.sock, method=self.target.method)
         response.begin()
@@ -302,10 +305,13 @@ def _reuse(conn: _Conn) -> tuple[bool, int | None]:
 def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
           stagger_s: float = DEFAULT_STAGGER_S,
           on_progress: Callable[[float, int], None] | None = None,
-          deadline_s: float | None = None) -> ProbeResult:
+          deadline_s: float | None = None, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+          answer_timeout_s: float = RESPONSE_TIMEOUT_S) -> ProbeResult:
     """Measure how long `target` keeps idle keep-alive connections; see the module doc.
     With `deadline_s`, the whole probe ends within that (a ProbeError if it could not
-    finish), however slowly the server answers."""
+    finish), however slowly the server answers. `connect_timeout_s` and `answer_timeout_s`
+    bound each connect and each answer (a scan of many pods lowers them so one silent pod
+    costs seconds, not the default ten)."""
     if n_samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {n_samples}")
     started = time.monotonic()
@@ -313,9 +319,10 @@ def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
     conns: list[_Conn] = []
     checker: _Conn | None = None
     try:
+        options = {"connect_timeout_s": connect_timeout_s, "answer_timeout_s": answer_timeout_s}
         for _ in range(n_samples):
-            conns.append(_Conn(target, until=until))
-        checker = _Conn(target, until=until)
+            conns.append(_Conn(target, until=until, **options))
+        checker = _Conn(target, until=until, **options)
         for conn in conns:
             conn.exchange()
         if not all(conn.kept_alive for conn in conns):
@@ -397,8 +404,9 @@ class _WindowCheckInFlight:
         if not self.started:
             return True  # no sample closed: nothing to check against
         if self.result is None and now >= self.reply_deadline:
-            self.result = WindowCheck(self.reused_at_idle_s, False, None,
-                                      f"NOT served: no answer within {RESPONSE_TIMEOUT_S:g} s")
+            self.result = WindowCheck(
+                self.reused_at_idle_s, False, None,
+                f"NOT served: no answer within {self.conn.answer_timeout_s:g} s")
         return self.result is not None
 
     def reuse_now(self) -> None:
@@ -407,7 +415,7 @@ class _WindowCheckInFlight:
             return  # it closed before the first sample did
         assert self.conn.answered_at is not None
         self.reused_at_idle_s = time.monotonic() - self.conn.answered_at
-        self.reply_deadline = time.monotonic() + RESPONSE_TIMEOUT_S
+        self.reply_deadline = time.monotonic() + self.conn.answer_timeout_s
         try:
             self.conn.sock.send(self.conn.target.request_bytes())  # small: fits the buffer
         except OSError:

@@ -1,7 +1,7 @@
 // The lab's Node.js upstream: node's own `http` server with `server.keepAliveTimeout` set
 // from the command line, answering every method with a small JSON body after reading the
 // request body in full (so POSTs exercise the same path a real app does).
-// Usage: node node_server.js PORT KEEP_ALIVE_TIMEOUT_MS
+// Usage: node node_server.js PORT KEEP_ALIVE_TIMEOUT_MS [HOST (default 127.0.0.1)]
 'use strict';
 const http = require('http');
 
@@ -24,5 +24,5 @@ const server = http.createServer((req, res) => {
 // The setting under test. Node (v20) really closes an idle connection about 1 s later than
 // this (keepAliveTimeoutBuffer); the tuner measures that instead of assuming it.
 server.keepAliveTimeout = keepAliveTimeoutMs;
-server.listen(port, '127.0.0.1');
+server.listen(port, process.argv[4] || '127.0.0.1');
 process.on('SIGTERM', () => { server.close(); process.exit(0); });
