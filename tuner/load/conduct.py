@@ -201,4 +201,6 @@ class Hub:
                 "n_cycles": self.n_cycles, "elapsed_s": round(elapsed_s, 3),
                 "burst_spread_ms": self.burst_spreads_ms(),
                 "gap_error_ms": self.gap_errors_ms(),
-                "idle_ms": {str(ms): n for ms, n in sorted(self.idle_ms.items())}}
+                "idle_ms": {str(ms): n for ms, n in sorted(self.idle_ms.items())},
+                # how many load processes reported each burst (the most over the bursts)
+                "n_processes": max((len(got) for got in self.received.values()), default=0)}

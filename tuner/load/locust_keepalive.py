@@ -48,6 +48,9 @@ _MSG_AT = "tuner_burst_at"
 #: connection_timeout + network_timeout (5 + 10 s), so only a request that failed anyway
 #: can miss it (and it is then counted with the next report)
 BURST_TIMEOUT_S = 20.0
+#: from "every user exists" to the first burst: time for the master's message to reach
+#: every worker, so that all fire at the same instant
+FIRST_BURST_DELAY_S = 0.3
 _NO_ANSWER = frozenset({Outcome.RESET, Outcome.TIMEOUT, Outcome.CONNECT_ERROR})
 
 
@@ -114,15 +117,28 @@ class _Conductor:
 
     # -- every process: when to fire, and what came back --------------------------------
     def start_first_burst(self) -> None:
-        """Once this process's users exist (Locust says spawning is complete)."""
-        if self.burst_index < 0 and self.mode == "bursts":
-            self.schedule(0, time.time() + 0.2)
+        """Once every user exists (Locust says spawning is complete): in a single process
+        this process fires; with workers the master sends every worker the same instant."""
+        if self.hub.n_bursts or self.mode != "bursts" or self.finished:
+            return
+        at = time.time() + FIRST_BURST_DELAY_S
+        if isinstance(self.runner, MasterRunner):
+            self.runner.send_message(_MSG_AT, {"index": 0, "at": at})
+        elif self.burst_index < 0:
+            self.schedule(0, at)
+
+    def local_users(self) -> int:
+        """This process's users. Not the count `spawning_complete` gives: on a worker, that
+        event comes from the master with the total over every worker (Locust 2.x), and a
+        worker that waited for that many answers never reported a burst before its
+        deadline (the bug behind "Locust sent no request" with --workers)."""
+        return int(self.runner.user_count) if self.runner is not None else self.n_users
 
     def schedule(self, index: int, at: float) -> None:
         if index <= self.burst_index or self.finished:
             return
         self.burst_index, self.burst_at = index, at
-        self.tally.start(index, self.n_users)
+        self.tally.start(index, self.local_users())
         # a fresh Event per burst: users waiting on the old one all wake, none can miss it
         released, self.new_burst = self.new_burst, Event()
         released.set()
@@ -220,9 +236,12 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
 
 @events.spawning_complete.add_listener
 def _on_spawned(user_count: int, **_kwargs: Any) -> None:
-    if _conductor is not None and not isinstance(_conductor.runner, MasterRunner):
-        _conductor.n_users = user_count
-        _conductor.start_first_burst()
+    if _conductor is None:
+        return
+    if isinstance(_conductor.runner, WorkerRunner):
+        return  # the master conducts, the first burst too
+    _conductor.n_users = user_count
+    _conductor.start_first_burst()
 
 
 @events.quitting.add_listener
