@@ -33,8 +33,10 @@ def test_two_workers_send_every_burst_and_count_every_answer() -> None:
     assert results["n_requests"] == 30 * results["n_bursts"], results
     assert sum(sum(c.values()) for c in results["by_gap"].values()) == results["n_requests"]
     assert results["stop_reason"] == "unsafe", results
-    assert len(results["burst_spread_ms"]) == results["n_bursts"]
-    assert len(results["gap_error_ms"]) == results["n_bursts"] - 1
+    # one spread per burst and group of the sweep, measured over both workers
+    assert len(results["burst_spread_ms"]) == 3 * results["n_bursts"]
+    assert len(results["gap_error_ms"]) == 3 * (results["n_bursts"] - 1)
+    assert results["n_cycles"] == results["n_bursts"] - 1  # every burst tried every gap
 
 
 def test_experiment_with_workers_gives_verdicts(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@
     gaps: around_close              # or a list of durations: [1.99s, 2s, 2.01s]
     gap_half_width: 9ms             # around_close: sweep the measured close +- this
     gap_steps: 7
+    sweep: groups                   # every burst tries every gap; bursts: one gap per burst
     methods: POST                   # or POST:3,GET:1
     burst_size: 30
     workers: 0                      # 0: one Locust process; N: Locust master + N workers
@@ -63,6 +64,8 @@ class ExperimentSpec:
     gaps_s: tuple[float, ...] | None = None
     gap_half_width_s: float = 0.009
     gap_steps: int = 7
+    #: "groups": every burst tries every gap; "bursts": one gap per burst (tuner.load.conduct)
+    sweep: str = "groups"
     methods: str = "POST"
     burst_size: int = 30
     workers: int = 0
@@ -126,7 +129,7 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 
 _FIELDS = ("proxy", "upstream", "upstream_cmd", "proxy_idle", "upstream_idle", "repeats",
-           "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "methods",
+           "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "sweep", "methods",
            "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after", "control",
            "loosen_ms", "write_back", "kubernetes")
 
@@ -146,6 +149,8 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
             changes["proxy"] = _choice(key, value, PROXIES)
         elif key == "upstream":
             changes["upstream"] = _choice(key, value, UPSTREAMS)
+        elif key == "sweep":
+            changes["sweep"] = _choice(key, value, ("groups", "bursts"))
         elif key == "upstream_cmd":
             if value is not None and not isinstance(value, str):
                 raise _bad(key, value, "must be a command line with {port} and {idle_s}")

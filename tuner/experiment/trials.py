@@ -183,7 +183,7 @@ def probe_max_idle_s(upstream_idle_s: float) -> float:
 
 def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float]) -> LocustPlan:
     return LocustPlan(host_url=url, gaps_s=gaps_s, burst_size=spec.burst_size,
-                      methods=spec.methods, max_seconds=spec.max_seconds,
+                      methods=spec.methods, max_seconds=spec.max_seconds, sweep=spec.sweep,
                       max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
                       stop=spec.stop, loosen_ms=spec.loosen_ms)
 
@@ -198,6 +198,7 @@ def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, A
     trial = trial.with_(
         gaps_s=tuple(gaps_s), outcomes=counts, by_gap=results.get("by_gap", {}),
         n_reused=int(results.get("n_reused", 0)), n_bursts=int(results.get("n_bursts", 0)),
+        n_cycles=int(results["n_cycles"]) if "n_cycles" in results else None,
         stop_reason=results.get("stop_reason"), elapsed_s=results.get("elapsed_s"),
         n_proxy_log_races=n_races(signatures), log_signatures=dict(signatures),
         burst_spread_ms_p95=p95(spreads), gap_error_ms_p95=p95(gap_errors),

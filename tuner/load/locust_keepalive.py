@@ -39,7 +39,17 @@ from locust.runners import MasterRunner, WorkerRunner
 from tuner.analysis.outcomes import Outcome, outcome_of_status
 from tuner.analysis.stopping import StopRule
 from tuner.errors import TunerError
-from tuner.load.conduct import STEADY, BurstTally, Hub, NextBurst, Stop
+from tuner.load.conduct import (
+    STEADY,
+    SWEEP_GROUPS,
+    SWEEPS,
+    BurstTally,
+    Hub,
+    NextBurst,
+    Stop,
+    group_offset_s,
+    n_groups,
+)
 from tuner.load.methods import parse_method_mix
 
 _MSG_DONE = "tuner_burst_done"
@@ -66,6 +76,9 @@ def _add_arguments(parser: Any) -> None:
                             "retries idempotent methods and hides the race)")
     group.add_argument("--tuner-path", default="/", help="request path (default /)")
     group.add_argument("--tuner-mode", choices=("bursts", "steady"), default="bursts")
+    group.add_argument("--tuner-sweep", choices=SWEEPS, default=SWEEP_GROUPS,
+                       help="groups: every burst tries every gap (one group of users per "
+                            "gap); bursts: one gap per burst (see tuner.load.conduct)")
     group.add_argument("--tuner-max-requests", type=int, default=0,
                        help="stop after this many requests (0: no limit)")
     group.add_argument("--tuner-max-seconds", type=float, default=60.0,
@@ -95,16 +108,20 @@ class _Conductor:
         options = _options(environment)
         self.environment = environment
         self.mode = options.tuner_mode
+        self.sweep = options.tuner_sweep
         self.gaps_s = [float(g) for g in options.tuner_gaps.split(",")]
         if not self.gaps_s or min(self.gaps_s) <= 0:
             raise ValueError(f"--tuner-gaps {options.tuner_gaps!r}: positive seconds needed")
+        if self.sweep == SWEEP_GROUPS:
+            self.gaps_s.sort()  # group g waits the g-th smallest gap
+        self.n_groups = n_groups(self.gaps_s, self.sweep)
         self.methods = parse_method_mix(options.tuner_methods, what="--tuner-methods")
         self.results_path = options.tuner_results
         self.started_at = time.time()
-        self.tally = BurstTally(self.gaps_s)
+        self.tally = BurstTally(self.gaps_s, sweep=self.sweep)
         self.hub = Hub(self.gaps_s, StopRule(unsafe_after_failures=options.tuner_unsafe_after,
                                              safe_after_requests=options.tuner_safe_after),
-                       max_requests=options.tuner_max_requests)
+                       max_requests=options.tuner_max_requests, sweep=self.sweep)
         self.burst_index = -1
         self.burst_at = 0.0
         self.new_burst = Event()
@@ -142,12 +159,23 @@ class _Conductor:
         # a fresh Event per burst: users waiting on the old one all wake, none can miss it
         released, self.new_burst = self.new_burst, Event()
         released.set()
-        gevent.spawn_later(max(0.0, at - time.time()) + BURST_TIMEOUT_S, self._deadline, index)
+        last_group_s = max(self.offset_s(index, g) for g in range(self.n_groups))
+        gevent.spawn_later(max(0.0, at + last_group_s - time.time()) + BURST_TIMEOUT_S,
+                           self._deadline, index)
+
+    def offset_s(self, index: int, group: int) -> float:
+        return group_offset_s(self.gaps_s, index, group, sweep=self.sweep)
+
+    def group_of(self, user_number: int) -> int:
+        """The group of this process's `user_number`-th user (from 1); workers start at
+        their own index, so that a few users per worker still cover every group."""
+        worker_index = int(getattr(self.runner, "worker_index", 0) or 0)
+        return (worker_index + user_number - 1) % self.n_groups
 
     def answered(self, index: int, answered_at: float, outcome: Outcome, *, sent_at: float,
-                 idle_s: float | None) -> None:
+                 idle_s: float | None, group: int) -> None:
         report = self.tally.answered(index, answered_at, outcome.value, sent_at=sent_at,
-                                     idle_s=idle_s)
+                                     idle_s=idle_s, group=group)
         if report is not None:
             self._deliver(report)
 
@@ -281,6 +309,7 @@ class RaceHuntingUser(FastHttpUser):
         self.body = '{"tuner": "race-hunting"}'
         self.done_index = -1
         self.steady_phase = RaceHuntingUser.n_started
+        self.sweep_group = _conductor.group_of(RaceHuntingUser.n_started)
         #: when this user's connection last got an answer (it has sat idle since)
         self.last_answer_at: float | None = None
 
@@ -310,7 +339,7 @@ class RaceHuntingUser(FastHttpUser):
                 return
         index, at = _conductor.burst_index, _conductor.burst_at
         loosen_ms = _options(self.environment).tuner_loosen_ms
-        gevent.sleep(max(0.0, at - time.time())
+        gevent.sleep(max(0.0, at + _conductor.offset_s(index, self.sweep_group) - time.time())
                      + (self.random.uniform(0, loosen_ms) / 1000 if loosen_ms else 0.0))
         sent_at = time.time()
         idle_s = sent_at - self.last_answer_at if self.last_answer_at is not None else None
@@ -318,7 +347,8 @@ class RaceHuntingUser(FastHttpUser):
         # no HTTP answer leaves no connection behind: the next request starts a fresh one
         self.last_answer_at = None if outcome in _NO_ANSWER else answered_at
         self.done_index = index
-        _conductor.answered(index, answered_at, outcome, sent_at=sent_at, idle_s=idle_s)
+        _conductor.answered(index, answered_at, outcome, sent_at=sent_at, idle_s=idle_s,
+                            group=self.sweep_group)
 
     def _steady(self) -> None:
         """The same mean rate as the bursts, without gaps: one request per mean period."""
