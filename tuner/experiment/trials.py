@@ -21,9 +21,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner.analysis.budget import Budget, default_budget, least_budget_s
 from tuner.analysis.judge import Control, judge_trial, n_in_window, p95
 from tuner.analysis.signatures import n_races
 from tuner.durations import format_seconds
+from tuner.errors import ConfigError
 from tuner.experiment.spec import ExperimentSpec
 from tuner.load.bursts import straddling_gaps
 from tuner.load.locust_runner import LocustPlan
@@ -181,9 +183,34 @@ def probe_max_idle_s(upstream_idle_s: float) -> float:
     return max(10.0, 3 * upstream_idle_s + 5)
 
 
+def trial_budget(spec: ExperimentSpec, gaps_s: list[float]) -> Budget | None:
+    """The default load budget of a trial with these gaps (None: the spec sets one)."""
+    if spec.max_seconds is not None:
+        return None
+    return default_budget(close_s=max(gaps_s), burst_size=spec.burst_size,
+                          n_gaps=len(gaps_s), sweep=spec.sweep, rule=spec.stop)
+
+
+def check_budget(spec: ExperimentSpec, close_s: float) -> None:
+    """Refuse a budget that cannot reach any verdict at this close."""
+    least_s = least_budget_s(close_s)
+    if spec.max_seconds is not None and spec.max_seconds < least_s:
+        budget = default_budget(close_s=close_s, burst_size=spec.burst_size,
+                                n_gaps=spec.gap_steps, sweep=spec.sweep, rule=spec.stop)
+        raise ConfigError(
+            f"max_seconds {format_seconds(spec.max_seconds)} cannot reach any verdict with "
+            f"an upstream closing at about {close_s:g} s: every burst after the first waits "
+            f"one close, so it takes at least {format_seconds(math.ceil(least_s))}; give "
+            f"max_seconds {format_seconds(math.ceil(budget.max_seconds))} or more, or leave it "
+            "out (the default follows the close)")
+
+
 def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float]) -> LocustPlan:
+    budget = trial_budget(spec, gaps_s)
+    max_seconds = budget.max_seconds if budget is not None else spec.max_seconds
+    assert max_seconds is not None
     return LocustPlan(host_url=url, gaps_s=gaps_s, burst_size=spec.burst_size,
-                      methods=spec.methods, max_seconds=spec.max_seconds, sweep=spec.sweep,
+                      methods=spec.methods, max_seconds=max_seconds, sweep=spec.sweep,
                       max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
                       stop=spec.stop, loosen_ms=spec.loosen_ms)
 
