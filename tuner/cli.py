@@ -254,6 +254,9 @@ def _add_experiment(commands: _Commands) -> None:
     experiment.add_argument("--burst-size", type=int, metavar="N")
     experiment.add_argument("--workers", type=int, metavar="N",
                             help="Locust workers (master/worker mode); 0: one process")
+    experiment.add_argument("--parallel", type=int, metavar="K",
+                            help="run K cells side by side after the control, each on a lab "
+                                 "of its own (default 1)")
     experiment.add_argument("--seed", type=int, metavar="N")
     experiment.add_argument("--no-control", dest="control", action="store_false",
                             default=None,

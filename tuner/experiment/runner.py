@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import platform
+import queue
 import subprocess
 import time
 import uuid
@@ -152,15 +153,29 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
             lifetimes = _proxy_lifetimes(spec, plan.todo, say=say)
             probed: dict[float, ProbeResult] = {}
             first = plan.todo[0]
-            with Lab(proxy=spec.proxy, upstream=upstream_from(spec.upstream, spec.upstream_cmd),
-                     proxy_idle_s=max(spec.proxy_idle_s),
-                     upstream_idle_s=first.upstream_idle_s) as lab:
+            n_labs = max(1, min(spec.parallel, len(plan.todo)))
+            with contextlib.ExitStack() as labs:
+                # one lab per cell running at once, each on its own OS-chosen ports
+                free: queue.Queue[Lab] = queue.Queue()
+                for _ in range(n_labs):
+                    free.put(labs.enter_context(Lab(
+                        proxy=spec.proxy, upstream=upstream_from(spec.upstream,
+                                                                 spec.upstream_cmd),
+                        proxy_idle_s=max(spec.proxy_idle_s),
+                        upstream_idle_s=first.upstream_idle_s)))
+
+                def run_one(key: TrialKey) -> Trial:
+                    lab = free.get()
+                    try:
+                        return run_trial(lab, spec, key, tick=tick if n_labs == 1 else None,
+                                         say=say, proxy_lifetime_s=lifetimes.get(
+                                             key.proxy_idle_s), probed=probed)
+                    finally:
+                        free.put(lab)
+
                 run_trials(store, experiment_id, plan, spec=spec, say=say,
                            new=lambda key: new_trial(spec, key, upstream=_upstream_name(spec)),
-                           run_one=lambda key: run_trial(lab, spec, key, tick=tick, say=say,
-                                                         proxy_lifetime_s=lifetimes.get(
-                                                             key.proxy_idle_s),
-                                                         probed=probed))
+                           run_one=run_one, parallel=n_labs)
         trials = store.trials(experiment_id)
     return ExperimentRun(experiment_id, db, spec, trials, len(plan.order))
 

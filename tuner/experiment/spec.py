@@ -15,6 +15,7 @@
     methods: POST                   # or POST:3,GET:1
     burst_size: 150
     workers: 0                      # 0: one Locust process; N: Locust master + N workers
+    parallel: 1                     # cells run side by side after the control, a lab each
     seed: 1
     db: results.db
     unsafe_after: 3                 # stopping rule, see tuner.analysis.stopping
@@ -72,6 +73,8 @@ class ExperimentSpec:
     #: one Locust process writes a group of ~20 users within about 12 ms (median)
     burst_size: int = 150
     workers: int = 0
+    #: trials run at once after the control, each on a lab of its own (local target)
+    parallel: int = 1
     seed: int = 1
     db: str = "results.db"
     stop: StopRule = field(default_factory=StopRule)
@@ -132,9 +135,9 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 
 _FIELDS = ("proxy", "upstream", "upstream_cmd", "proxy_idle", "upstream_idle", "repeats",
-           "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "sweep", "methods",
-           "burst_size", "workers", "seed", "db", "unsafe_after", "safe_after", "control",
-           "loosen_ms", "write_back", "kubernetes")
+           "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "sweep",
+           "methods", "burst_size", "workers", "parallel", "seed", "db", "unsafe_after",
+           "safe_after", "control", "loosen_ms", "write_back", "kubernetes")
 
 
 def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -> ExperimentSpec:
@@ -166,7 +169,7 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
             changes["gap_half_width_s"] = duration_field(key, value)
         elif key == "gaps":
             changes["gaps_s"] = None if value == AROUND_CLOSE else _durations(key, value)
-        elif key in ("repeats", "burst_size", "gap_steps"):
+        elif key in ("repeats", "burst_size", "gap_steps", "parallel"):
             changes[key] = _int(key, value, minimum=1)
         elif key in ("max_requests", "workers", "seed"):
             changes[key] = _int(key, value, minimum=0)

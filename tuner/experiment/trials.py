@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,38 +125,83 @@ def control_of(spec: ExperimentSpec, control: Trial | None) -> Control:
 def run_trials(store: ResultsStore, experiment_id: str, plan: TrialPlan, *,
                spec: ExperimentSpec, run_one: Callable[[TrialKey], Trial],
                new: Callable[[TrialKey], Trial], say: Callable[[str], None],
-               recorded: Callable[[int, StoredTrial], None] | None = None) -> None:
+               recorded: Callable[[int, StoredTrial], None] | None = None,
+               parallel: int = 1) -> None:
     """Run every trial left in `plan`, judge it, and store it as soon as it ends. `run_one`
     measures a trial (or raises InvalidTrial); `new` makes the record of a trial before
-    anything ran; `recorded` hears of each stored trial with its index in the order."""
+    anything ran; `recorded` hears of each stored trial with its index in the order.
+
+    `parallel` > 1: after the control, up to that many trials run at once (`run_one` must
+    then be safe to call from several threads: each call on a lab of its own); judging and
+    storing stay in this thread, one trial at a time, in the order they end."""
     started = time.monotonic()
     n_failed_so_far = 0
     control = plan.control
-    for i, key in enumerate(plan.todo):
-        elapsed_s = time.monotonic() - started
-        eta = (f", ETA {format_seconds(round(elapsed_s / i * (len(plan.todo) - i)))}"
-               if i else "")
-        say(f"[{plan.n_done + i + 1}/{len(plan.order)}] {key.describe()} "
-            f"(elapsed {format_seconds(max(1, round(elapsed_s)))}{eta}, "
-            f"failures so far {n_failed_so_far})")
-        trial_started = time.time()
-        try:
-            trial = run_one(key)
-        except InvalidTrial as exc:
-            trial = (exc.partial or new(key)).with_(invalid_reason=str(exc))
-        # the control is judged like any trial; its margin makes it unsafe whatever it saw
-        trial = judge_trial(trial, rule=spec.stop, control=(
-            Control.none("this is the control") if key.control else control_of(spec, control)))
-        stored = StoredTrial(experiment_id, key.cell, key.repeat, trial_started, time.time(),
-                             trial, plan.attempts.get((key.cell, key.repeat), 0))
-        store.add_trial(stored)
-        if recorded is not None:
-            recorded(plan.order.index(key), stored)
-        n_failed_so_far += trial.n_failed
-        say("    " + describe_trial(trial))
-        if key.control:
-            control = trial
-            say("    " + control_of(spec, control).text)
+    pending: dict[Future[Trial], tuple[TrialKey, float]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for i, key in enumerate(plan.todo):
+            elapsed_s = time.monotonic() - started
+            eta = (f", ETA {format_seconds(round(elapsed_s / i * (len(plan.todo) - i)))}"
+                   if i and parallel <= 1 else "")
+            # the control first and alone: every other trial is judged against it
+            alone = parallel <= 1 or key.control or (spec.control and control is None
+                                                     and any(k.control for k in plan.todo))
+            while pending and (alone or len(pending) >= parallel):
+                done = next(as_completed(pending))
+                done_key, done_started = pending.pop(done)
+                control, n_failed = _record(store, experiment_id, plan, spec, done_key,
+                                            _result(done, done_key, new), done_started,
+                                            control=control, say=say, recorded=recorded)
+                n_failed_so_far += n_failed
+            say(f"[{plan.n_done + i + 1}/{len(plan.order)}] {key.describe()} "
+                f"(elapsed {format_seconds(max(1, round(elapsed_s)))}{eta}, "
+                f"failures so far {n_failed_so_far})")
+            if alone:  # in this thread: Ctrl-C and SIGTERM reach the trial itself
+                trial_started = time.time()
+                try:
+                    trial = run_one(key)
+                except InvalidTrial as exc:
+                    trial = (exc.partial or new(key)).with_(invalid_reason=str(exc))
+                control, n_failed = _record(store, experiment_id, plan, spec, key, trial,
+                                            trial_started, control=control, say=say,
+                                            recorded=recorded)
+                n_failed_so_far += n_failed
+            else:
+                pending[pool.submit(run_one, key)] = (key, time.time())
+        for done in as_completed(list(pending)):
+            done_key, done_started = pending.pop(done)
+            control, _ = _record(store, experiment_id, plan, spec, done_key,
+                                 _result(done, done_key, new), done_started, control=control,
+                                 say=say, recorded=recorded)
+
+
+def _result(future: Future[Trial], key: TrialKey, new: Callable[[TrialKey], Trial]) -> Trial:
+    """The measured trial, or its invalid record (InvalidTrial); any other error is a bug
+    and propagates with its traceback."""
+    try:
+        return future.result()
+    except InvalidTrial as exc:
+        return (exc.partial or new(key)).with_(invalid_reason=str(exc))
+
+
+def _record(store: ResultsStore, experiment_id: str, plan: TrialPlan, spec: ExperimentSpec,
+            key: TrialKey, trial: Trial, trial_started: float, *, control: Trial | None,
+            say: Callable[[str], None],
+            recorded: Callable[[int, StoredTrial], None] | None) -> tuple[Trial | None, int]:
+    """Judge and store one measured trial; returns the control so far and its failures."""
+    # the control is judged like any trial; its margin makes it unsafe whatever it saw
+    trial = judge_trial(trial, rule=spec.stop, control=(
+        Control.none("this is the control") if key.control else control_of(spec, control)))
+    stored = StoredTrial(experiment_id, key.cell, key.repeat, trial_started, time.time(),
+                         trial, plan.attempts.get((key.cell, key.repeat), 0))
+    store.add_trial(stored)
+    if recorded is not None:
+        recorded(plan.order.index(key), stored)
+    say("    " + describe_trial(trial))
+    if key.control:
+        control = trial
+        say("    " + control_of(spec, control).text)
+    return control, trial.n_failed
 
 
 def new_trial(spec: ExperimentSpec, key: TrialKey, *, upstream: str) -> Trial:
