@@ -255,7 +255,7 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
             f"; at the latest by {eta}")
     mark = lab.proxy.error_log.mark()
     results = run_locust(
-        load_plan(spec, lab.proxy.url, gaps_s), workdir=lab.workdir,
+        load_plan(spec, lab.proxy.url, gaps_s, control=key.control), workdir=lab.workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
     lines = lab.proxy.error_log.lines_since(mark)
     signatures = (count_nginx_signatures(lines) if spec.proxy == "nginx"

@@ -13,6 +13,7 @@ trial of the experiment may be called safe.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
@@ -251,14 +252,20 @@ def check_budget(spec: ExperimentSpec, close_s: float) -> None:
             "out (the default follows the close)")
 
 
-def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float]) -> LocustPlan:
+def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float], *,
+              control: bool = False) -> LocustPlan:
+    """The load of one trial. The control never stops as "safe": its one job is to race,
+    so it hunts for the whole budget (measured: controls that stopped after two reused
+    bursts of 150 users with no race made every safe cell of their experiment
+    inconclusive)."""
     budget = trial_budget(spec, gaps_s)
     max_seconds = budget.max_seconds if budget is not None else spec.max_seconds
     assert max_seconds is not None
+    stop = dataclasses.replace(spec.stop, safe_after_requests=0) if control else spec.stop
     return LocustPlan(host_url=url, gaps_s=gaps_s, burst_size=spec.burst_size,
                       methods=spec.methods, max_seconds=max_seconds, sweep=spec.sweep,
                       max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
-                      stop=spec.stop, loosen_ms=spec.loosen_ms)
+                      stop=stop, loosen_ms=spec.loosen_ms)
 
 
 def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, Any],
