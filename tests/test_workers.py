@@ -25,7 +25,8 @@ def test_two_workers_send_every_burst_and_count_every_answer() -> None:
              upstream_idle_s=1) as lab:
         assert lab.proxy is not None
         results = run_locust(LocustPlan(host_url=lab.proxy.url, gaps_s=[1.995, 2.0, 2.005],
-                                        burst_size=30, workers=2, max_seconds=30),
+                                        burst_size=30, workers=2, max_seconds=30,
+                                        sweep="groups"),
                              workdir=lab.workdir)
     assert results["n_processes"] == 2, results  # each burst was reported by both workers
     assert results["n_bursts"] >= 2, results

@@ -248,8 +248,8 @@ def _add_experiment(commands: _Commands) -> None:
     experiment.add_argument("--gaps", metavar="D,D,...",
                             help="idle gaps to cycle (default: sweep around the measured close)")
     experiment.add_argument("--sweep", choices=("groups", "bursts"),
-                            help="groups (default): every burst tries every gap, one group of "
-                                 "users per gap; bursts: one gap per burst")
+                            help="bursts (default): one gap per burst; groups: every burst "
+                                 "tries every gap, one group of users per gap")
     experiment.add_argument("--methods", metavar="MIX", help="e.g. POST or POST:3,GET:1")
     experiment.add_argument("--burst-size", type=int, metavar="N")
     experiment.add_argument("--workers", type=int, metavar="N",

@@ -41,6 +41,7 @@ from tuner.analysis.stopping import StopRule
 from tuner.errors import TunerError
 from tuner.load.conduct import (
     STEADY,
+    SWEEP_BURSTS,
     SWEEP_GROUPS,
     SWEEPS,
     BurstTally,
@@ -76,9 +77,9 @@ def _add_arguments(parser: Any) -> None:
                             "retries idempotent methods and hides the race)")
     group.add_argument("--tuner-path", default="/", help="request path (default /)")
     group.add_argument("--tuner-mode", choices=("bursts", "steady"), default="bursts")
-    group.add_argument("--tuner-sweep", choices=SWEEPS, default=SWEEP_GROUPS,
-                       help="groups: every burst tries every gap (one group of users per "
-                            "gap); bursts: one gap per burst (see tuner.load.conduct)")
+    group.add_argument("--tuner-sweep", choices=SWEEPS, default=SWEEP_BURSTS,
+                       help="bursts: one gap per burst; groups: every burst tries every gap "
+                            "(one group of users per gap; see tuner.load.conduct)")
     group.add_argument("--tuner-max-requests", type=int, default=0,
                        help="stop after this many requests (0: no limit)")
     group.add_argument("--tuner-max-seconds", type=float, default=60.0,

@@ -35,8 +35,8 @@ class LocustPlan:
     methods: str = "POST"
     path: str = "/"
     mode: str = "bursts"
-    #: "groups": every burst tries every gap; "bursts": one gap per burst (tuner.load.conduct)
-    sweep: str = "groups"
+    #: "bursts": one gap per burst; "groups": every burst tries every gap (tuner.load.conduct)
+    sweep: str = "bursts"
     max_seconds: float = 40.0
     max_requests: int = 0
     workers: int = 0
