@@ -7,7 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tuner.analysis.stopping import StopRule
-from tuner.load.conduct import FIRST, BurstTally, Hub, NextBurst, Stop, gap_key
+from tuner.load.conduct import (
+    FIRST,
+    SWEEP_GROUPS,
+    BurstTally,
+    Hub,
+    NextBurst,
+    Stop,
+    fire_delay_s,
+    gap_key,
+    group_offset_s,
+)
 
 GAPS = [1.99, 2.0, 2.01]
 
@@ -78,13 +88,13 @@ def test_hub_measures_the_spread_and_the_gap_error_over_every_process() -> None:
     hub.expect(1, frozenset({"w1", "w2"}))
     for sender, first, last in (("w1", 100.000, 100.002), ("w2", 100.001, 100.005)):
         hub.report(sender, {"index": 0, "first_answer": 100.010, "counts": {FIRST: {"2xx": 2}},
-                            "first_sent": first, "last_sent": last})
+                            "groups": {"0": [first, last]}})
     planned = 100.010 + GAPS[0]
     for sender, first, last in (("w1", planned + 0.003, planned + 0.004),
                                 ("w2", planned + 0.0015, planned + 0.009)):
         hub.report(sender, {"index": 1, "first_answer": planned + 0.02,
                             "counts": {"1.990": {"2xx": 2}}, "idle_ms": {"1990": 1, "1991": 1},
-                            "first_sent": first, "last_sent": last})
+                            "groups": {"0": [first, last]}})
     results = hub.results(mode="bursts", elapsed_s=1.0)
     assert results["burst_spread_ms"] == [5.0, 7.5]  # across both workers, not per worker
     assert results["gap_error_ms"] == [1.5]
@@ -97,5 +107,45 @@ def test_tally_reports_sent_times_and_idle_ages() -> None:
     assert tally.answered(1, 5.0, "2xx", sent_at=3.001, idle_s=1.9904) is None
     report = tally.answered(1, 5.1, "502", sent_at=3.004, idle_s=1.9911)
     assert report is not None
-    assert (report["first_sent"], report["last_sent"]) == (3.001, 3.004)
+    assert report["groups"] == {"0": [3.001, 3.004]}
     assert report["idle_ms"] == {"1990": 1, "1991": 1}
+
+
+def test_groups_sweep_every_gap_in_every_burst() -> None:
+    """Staggered bursts: group g waits gap g after the previous (tight) burst; tight bursts
+    wait the largest gap after a staggered one, so the connections they reuse sat idle
+    gap 0 .. gap max; each answer is keyed by the idle time of its own connection."""
+    sweep = SWEEP_GROUPS
+    assert [fire_delay_s(GAPS, 1, g, sweep=sweep) for g in range(3)] == GAPS
+    assert [fire_delay_s(GAPS, 2, g, sweep=sweep) for g in range(3)] == [2.01] * 3
+    assert [round(group_offset_s(GAPS, 3, g, sweep=sweep), 6) for g in range(3)] == [
+        0.0, 0.01, 0.02]
+    assert [gap_key(GAPS, 1, g, sweep=sweep) for g in range(3)] == ["1.990", "2.000", "2.010"]
+    # group 0 answered first, so in the tight burst its connection sat the longest
+    assert [gap_key(GAPS, 2, g, sweep=sweep) for g in range(3)] == ["2.010", "2.000", "1.990"]
+
+
+def test_groups_hub_counts_a_cycle_per_burst_and_spread_within_a_group() -> None:
+    hub = Hub(GAPS, StopRule(unsafe_after_failures=3, safe_after_requests=60),
+              sweep=SWEEP_GROUPS)
+    decision = hub.report("local", {"index": 0, "first_answer": 100.0,
+                                    "counts": {FIRST: {"2xx": 30}},
+                                    "groups": {str(g): [99.99, 99.991] for g in range(3)}})
+    assert decision == NextBurst(1, 100.0 + GAPS[0])
+    # the groups fire 10 ms apart as planned; each group is written within 1 ms
+    groups = {str(g): [101.99 + 0.01 * g + 0.0005, 101.99 + 0.01 * g + 0.0015]
+              for g in range(3)}
+    decision = hub.report("local", {"index": 1, "first_answer": 102.0,
+                                    "counts": {k: {"2xx": 10} for k in ("1.990", "2.000",
+                                                                       "2.010")},
+                                    "groups": groups})
+    assert decision == NextBurst(2, 102.0 + GAPS[-1])
+    assert hub.n_cycles == 1
+    results = hub.results(mode="bursts", elapsed_s=3.0)
+    assert max(results["burst_spread_ms"]) <= 1.0  # the 20 ms stagger is no spread
+    assert results["gap_error_ms"] == [0.5, 0.5, 0.5]
+    decision = hub.report("local", {"index": 2, "first_answer": 104.02,
+                                    "counts": {k: {"2xx": 10} for k in ("1.990", "2.000",
+                                                                       "2.010")},
+                                    "groups": {str(g): [104.01, 104.011] for g in range(3)}})
+    assert decision == Stop("safe") and hub.n_cycles == 2

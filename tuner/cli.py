@@ -255,10 +255,16 @@ def _add_experiment(commands: _Commands) -> None:
     experiment.add_argument("--max-requests", type=int, metavar="N", help="budget per trial")
     experiment.add_argument("--gaps", metavar="D,D,...",
                             help="idle gaps to cycle (default: sweep around the measured close)")
+    experiment.add_argument("--sweep", choices=("groups", "bursts"),
+                            help="bursts (default): one gap per burst; groups: every burst "
+                                 "tries every gap, one group of users per gap")
     experiment.add_argument("--methods", metavar="MIX", help="e.g. POST or POST:3,GET:1")
     experiment.add_argument("--burst-size", type=int, metavar="N")
     experiment.add_argument("--workers", type=int, metavar="N",
                             help="Locust workers (master/worker mode); 0: one process")
+    experiment.add_argument("--parallel", type=int, metavar="K",
+                            help="run K cells side by side after the control, each on a lab "
+                                 "of its own (default 1)")
     experiment.add_argument("--seed", type=int, metavar="N")
     experiment.add_argument("--no-control", dest="control", action="store_false",
                             default=None,

@@ -141,7 +141,8 @@ def _experiment_spec(args: argparse.Namespace) -> ExperimentSpec:
              "max_seconds": args.max_seconds, "max_requests": args.max_requests,
              "gaps": args.gaps, "methods": args.methods, "burst_size": args.burst_size,
              "workers": args.workers, "seed": args.seed, "db": args.db,
-             "control": args.control}
+             "control": args.control, "sweep": args.sweep,
+             "parallel": args.parallel}
     if args.upstream_cmd is not None:
         flags["upstream_cmd"] = args.upstream_cmd
     given = {k: v for k, v in flags.items() if v is not None}

@@ -69,6 +69,9 @@ class Trial:
     by_gap: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     n_reused: int = 0
     n_bursts: int = 0
+    #: complete passes over the gap sweep (None: an older record; then one per len(gaps)
+    #: bursts). With the groups sweep every burst tries every gap: one pass per burst.
+    n_cycles: int | None = None
     stop_reason: str | None = None
     elapsed_s: float | None = None
     #: 95th percentile over bursts of the time from a burst's first request written to its

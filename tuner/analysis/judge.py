@@ -127,7 +127,8 @@ def judge_trial(trial: Trial, *, rule: StopRule, control: Control,
         return trial.with_(verdict="unsafe", verdict_text=(
             f"no race in {n_reused} requests, but the proxy keeps connections {where} "
             f"({measured}): a rare race this load did not catch"))
-    n_cycles = max(0, trial.n_bursts - 1) // max(1, len(trial.gaps_s))
+    n_cycles = (trial.n_cycles if trial.n_cycles is not None
+                else max(0, trial.n_bursts - 1) // max(1, len(trial.gaps_s)))
     enough = decide(n_race=0, n_reused=n_reused, n_cycles=n_cycles, rule=rule) == "safe"
     if not enough:
         return trial.with_(verdict="inconclusive", verdict_text=(

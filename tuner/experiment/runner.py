@@ -5,7 +5,9 @@ One trial = one cell of the grid (proxy idle x upstream idle) and one repeat:
      real idle lifetime at that setting (tuner.lab.lifetime);
   1. set the lab's timeouts (reload the proxy / restart the upstream) and wait for readiness;
   2. probe the upstream's real idle close time (it is what the gaps straddle, and it is
-     recorded with the trial); the control trial takes its proxy idle timeout from it;
+     recorded with the trial); the control trial takes its proxy idle timeout from it. The
+     probe waits one whole close, so it runs once per upstream idle value of a run and
+     later trials of that value reuse it (at T = 60 s it was half of every trial's time);
   3. run the race-hunting Locust load, bounded by the budget and the stopping rule;
   4. count the proxy's race signatures of the trial (error log, or Envoy's admin stats);
   5. judge it (tuner.analysis.judge), or mark the trial invalid with its cause;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import platform
+import queue
 import subprocess
 import time
 import uuid
@@ -36,6 +39,7 @@ from tuner.experiment.trials import (
     PROBE_SAMPLES,
     InvalidTrial,
     TrialKey,
+    check_budget,
     control_proxy_idle_s,
     describe_trial,
     gaps_for,
@@ -45,6 +49,7 @@ from tuner.experiment.trials import (
     plan_trials,
     probe_max_idle_s,
     run_trials,
+    trial_budget,
     trial_order,
 )
 from tuner.lab import Lab
@@ -52,7 +57,7 @@ from tuner.lab.lab import get_proxy_class
 from tuner.lab.lifetime import measure_lifetimes
 from tuner.lab.upstreams import upstream_from
 from tuner.load.locust_runner import run_locust
-from tuner.probe import parse_target, probe
+from tuner.probe import ProbeResult, parse_target, probe
 from tuner.store import ResultsStore, StoredTrial
 from tuner.trial import Trial
 
@@ -60,13 +65,29 @@ __all__ = ["ExperimentRun", "TrialKey", "describe_trial", "run_experiment", "run
            "trial_order"]
 
 def check_grid(spec: ExperimentSpec) -> None:
-    """Refuse, before anything starts, a grid value the upstream cannot take."""
+    """Refuse, before anything starts, a grid value the upstream cannot take, and a budget
+    or burst that cannot reach a verdict."""
     upstream = upstream_from(spec.upstream, spec.upstream_cmd)
     for idle_s in spec.upstream_idle_s:
         try:
             upstream.argv(port=1, idle_s=idle_s)
         except ConfigError as exc:
             raise ConfigError(f"upstream_idle {format_seconds(idle_s)}: {exc}") from None
+        # the setting is a lower bound of the real close (Node closes a second later)
+        try:
+            check_budget(spec, idle_s)
+        except ConfigError as exc:
+            raise ConfigError(f"upstream_idle {format_seconds(idle_s)}: {exc}") from None
+    n_gaps = len(spec.gaps_s) if spec.gaps_s is not None else spec.gap_steps
+    if spec.sweep == "groups" and spec.burst_size < n_gaps:
+        raise ConfigError(f"burst_size {spec.burst_size} is below the {n_gaps} gaps of the "
+                          f"sweep: every gap needs a group of at least one user; give "
+                          f"burst_size {n_gaps} or more")
+    if spec.max_requests and spec.max_requests < 2 * spec.burst_size:
+        raise ConfigError(f"max_requests {spec.max_requests} cannot reach any verdict: the "
+                          f"first burst ({spec.burst_size}) opens the connections and only "
+                          f"the next one can race; give max_requests {2 * spec.burst_size} "
+                          "or more (0: no limit)")
 
 
 def _program_version(argv: list[str]) -> str:
@@ -129,15 +150,31 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
             f"trials{f', {plan.n_done} already recorded' if stored else ''}, results in {db}")
         if plan.todo:
             lifetimes = _proxy_lifetimes(spec, plan.todo, say=say)
+            probed: dict[float, ProbeResult] = {}
             first = plan.todo[0]
-            with Lab(proxy=spec.proxy, upstream=upstream_from(spec.upstream, spec.upstream_cmd),
-                     proxy_idle_s=max(spec.proxy_idle_s),
-                     upstream_idle_s=first.upstream_idle_s) as lab:
+            n_labs = max(1, min(spec.parallel, len(plan.todo)))
+            with contextlib.ExitStack() as labs:
+                # one lab per cell running at once, each on its own OS-chosen ports
+                free: queue.Queue[Lab] = queue.Queue()
+                for _ in range(n_labs):
+                    free.put(labs.enter_context(Lab(
+                        proxy=spec.proxy, upstream=upstream_from(spec.upstream,
+                                                                 spec.upstream_cmd),
+                        proxy_idle_s=max(spec.proxy_idle_s),
+                        upstream_idle_s=first.upstream_idle_s)))
+
+                def run_one(key: TrialKey) -> Trial:
+                    lab = free.get()
+                    try:
+                        return run_trial(lab, spec, key, tick=tick if n_labs == 1 else None,
+                                         say=say, proxy_lifetime_s=lifetimes.get(
+                                             key.proxy_idle_s), probed=probed)
+                    finally:
+                        free.put(lab)
+
                 run_trials(store, experiment_id, plan, spec=spec, say=say,
                            new=lambda key: new_trial(spec, key, upstream=_upstream_name(spec)),
-                           run_one=lambda key: run_trial(lab, spec, key, tick=tick,
-                                                         proxy_lifetime_s=lifetimes.get(
-                                                             key.proxy_idle_s)))
+                           run_one=run_one, parallel=n_labs)
         trials = store.trials(experiment_id)
     return ExperimentRun(experiment_id, db, spec, trials, len(plan.order))
 
@@ -172,9 +209,13 @@ def _proxy_lifetimes(spec: ExperimentSpec, keys: list[TrialKey], *,
 
 def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
               tick: Callable[[str], None] | None = None,
-              proxy_lifetime_s: float | None = None) -> Trial:
+              say: Callable[[str], None] | None = None,
+              proxy_lifetime_s: float | None = None,
+              probed: dict[float, ProbeResult] | None = None) -> Trial:
     """One trial on a running lab; returns it measured, not yet judged (a trial that went
-    wrong in the lab raises InvalidTrial, and is recorded as invalid with the cause)."""
+    wrong in the lab raises InvalidTrial, and is recorded as invalid with the cause).
+    `probed`: the closes measured so far in this run, by upstream idle value (read and
+    filled)."""
     assert lab.proxy is not None and lab.upstream is not None
     trial = new_trial(spec, key, upstream=_upstream_name(spec))
     if lab.problem() is not None or lab.upstream.idle_s != key.upstream_idle_s:
@@ -182,11 +223,15 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
     if not key.control and lab.proxy.proxy_idle_s != key.proxy_idle_s:
         lab.set_proxy_idle(key.proxy_idle_s)
     max_idle_s = probe_max_idle_s(key.upstream_idle_s)
-    try:
-        measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=PROBE_SAMPLES,
-                         max_idle_s=max_idle_s)
-    except ProbeError as exc:
-        raise InvalidTrial(f"probing the upstream failed: {exc}") from exc
+    measured = (probed or {}).get(key.upstream_idle_s)
+    if measured is None:
+        try:
+            measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=PROBE_SAMPLES,
+                             max_idle_s=max_idle_s)
+        except ProbeError as exc:
+            raise InvalidTrial(f"probing the upstream failed: {exc}") from exc
+        if probed is not None and measured.effective_close_s is not None:
+            probed[key.upstream_idle_s] = measured
     close_s = measured.effective_close_s
     trial = trial.with_(upstream_close_s=close_s, upstream_advertised_s=measured.advertised_s,
                         close_kind=measured.close_kind, proxy_lifetime_s=proxy_lifetime_s)
@@ -198,11 +243,18 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
         lab.set_proxy_idle(trial.proxy_idle_s)
     try:
         gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
-    except InvalidTrial as exc:
+        check_budget(spec, max(gaps_s))
+    except (InvalidTrial, ConfigError) as exc:
         raise InvalidTrial(str(exc), trial) from None
+    if say is not None:
+        budget = trial_budget(spec, gaps_s)
+        seconds = budget.max_seconds if budget is not None else (spec.max_seconds or 0)
+        eta = time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
+        say(f"    load budget {budget.describe() if budget else f'{seconds:g} s (max_seconds)'}"
+            f"; at the latest by {eta}")
     mark = lab.proxy.race_mark()
     results = run_locust(
-        load_plan(spec, lab.proxy.url, gaps_s), workdir=lab.workdir,
+        load_plan(spec, lab.proxy.url, gaps_s, control=key.control), workdir=lab.workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
     signatures = lab.proxy.race_signatures_since(mark)
     problem = lab.problem()

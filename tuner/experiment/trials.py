@@ -13,17 +13,21 @@ trial of the experiment may be called safe.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner.analysis.budget import Budget, default_budget, least_budget_s
 from tuner.analysis.judge import Control, judge_trial, n_in_window, p95
 from tuner.analysis.signatures import n_races
 from tuner.durations import format_seconds
+from tuner.errors import ConfigError
 from tuner.experiment.spec import ExperimentSpec
 from tuner.load.bursts import straddling_gaps
 from tuner.load.locust_runner import LocustPlan
@@ -122,38 +126,83 @@ def control_of(spec: ExperimentSpec, control: Trial | None) -> Control:
 def run_trials(store: ResultsStore, experiment_id: str, plan: TrialPlan, *,
                spec: ExperimentSpec, run_one: Callable[[TrialKey], Trial],
                new: Callable[[TrialKey], Trial], say: Callable[[str], None],
-               recorded: Callable[[int, StoredTrial], None] | None = None) -> None:
+               recorded: Callable[[int, StoredTrial], None] | None = None,
+               parallel: int = 1) -> None:
     """Run every trial left in `plan`, judge it, and store it as soon as it ends. `run_one`
     measures a trial (or raises InvalidTrial); `new` makes the record of a trial before
-    anything ran; `recorded` hears of each stored trial with its index in the order."""
+    anything ran; `recorded` hears of each stored trial with its index in the order.
+
+    `parallel` > 1: after the control, up to that many trials run at once (`run_one` must
+    then be safe to call from several threads: each call on a lab of its own); judging and
+    storing stay in this thread, one trial at a time, in the order they end."""
     started = time.monotonic()
     n_failed_so_far = 0
     control = plan.control
-    for i, key in enumerate(plan.todo):
-        elapsed_s = time.monotonic() - started
-        eta = (f", ETA {format_seconds(round(elapsed_s / i * (len(plan.todo) - i)))}"
-               if i else "")
-        say(f"[{plan.n_done + i + 1}/{len(plan.order)}] {key.describe()} "
-            f"(elapsed {format_seconds(max(1, round(elapsed_s)))}{eta}, "
-            f"failures so far {n_failed_so_far})")
-        trial_started = time.time()
-        try:
-            trial = run_one(key)
-        except InvalidTrial as exc:
-            trial = (exc.partial or new(key)).with_(invalid_reason=str(exc))
-        # the control is judged like any trial; its margin makes it unsafe whatever it saw
-        trial = judge_trial(trial, rule=spec.stop, control=(
-            Control.none("this is the control") if key.control else control_of(spec, control)))
-        stored = StoredTrial(experiment_id, key.cell, key.repeat, trial_started, time.time(),
-                             trial, plan.attempts.get((key.cell, key.repeat), 0))
-        store.add_trial(stored)
-        if recorded is not None:
-            recorded(plan.order.index(key), stored)
-        n_failed_so_far += trial.n_failed
-        say("    " + describe_trial(trial))
-        if key.control:
-            control = trial
-            say("    " + control_of(spec, control).text)
+    pending: dict[Future[Trial], tuple[TrialKey, float]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for i, key in enumerate(plan.todo):
+            elapsed_s = time.monotonic() - started
+            eta = (f", ETA {format_seconds(round(elapsed_s / i * (len(plan.todo) - i)))}"
+                   if i and parallel <= 1 else "")
+            # the control first and alone: every other trial is judged against it
+            alone = parallel <= 1 or key.control or (spec.control and control is None
+                                                     and any(k.control for k in plan.todo))
+            while pending and (alone or len(pending) >= parallel):
+                done = next(as_completed(pending))
+                done_key, done_started = pending.pop(done)
+                control, n_failed = _record(store, experiment_id, plan, spec, done_key,
+                                            _result(done, done_key, new), done_started,
+                                            control=control, say=say, recorded=recorded)
+                n_failed_so_far += n_failed
+            say(f"[{plan.n_done + i + 1}/{len(plan.order)}] {key.describe()} "
+                f"(elapsed {format_seconds(max(1, round(elapsed_s)))}{eta}, "
+                f"failures so far {n_failed_so_far})")
+            if alone:  # in this thread: Ctrl-C and SIGTERM reach the trial itself
+                trial_started = time.time()
+                try:
+                    trial = run_one(key)
+                except InvalidTrial as exc:
+                    trial = (exc.partial or new(key)).with_(invalid_reason=str(exc))
+                control, n_failed = _record(store, experiment_id, plan, spec, key, trial,
+                                            trial_started, control=control, say=say,
+                                            recorded=recorded)
+                n_failed_so_far += n_failed
+            else:
+                pending[pool.submit(run_one, key)] = (key, time.time())
+        for done in as_completed(list(pending)):
+            done_key, done_started = pending.pop(done)
+            control, _ = _record(store, experiment_id, plan, spec, done_key,
+                                 _result(done, done_key, new), done_started, control=control,
+                                 say=say, recorded=recorded)
+
+
+def _result(future: Future[Trial], key: TrialKey, new: Callable[[TrialKey], Trial]) -> Trial:
+    """The measured trial, or its invalid record (InvalidTrial); any other error is a bug
+    and propagates with its traceback."""
+    try:
+        return future.result()
+    except InvalidTrial as exc:
+        return (exc.partial or new(key)).with_(invalid_reason=str(exc))
+
+
+def _record(store: ResultsStore, experiment_id: str, plan: TrialPlan, spec: ExperimentSpec,
+            key: TrialKey, trial: Trial, trial_started: float, *, control: Trial | None,
+            say: Callable[[str], None],
+            recorded: Callable[[int, StoredTrial], None] | None) -> tuple[Trial | None, int]:
+    """Judge and store one measured trial; returns the control so far and its failures."""
+    # the control is judged like any trial; its margin makes it unsafe whatever it saw
+    trial = judge_trial(trial, rule=spec.stop, control=(
+        Control.none("this is the control") if key.control else control_of(spec, control)))
+    stored = StoredTrial(experiment_id, key.cell, key.repeat, trial_started, time.time(),
+                         trial, plan.attempts.get((key.cell, key.repeat), 0))
+    store.add_trial(stored)
+    if recorded is not None:
+        recorded(plan.order.index(key), stored)
+    say("    " + describe_trial(trial))
+    if key.control:
+        control = trial
+        say("    " + control_of(spec, control).text)
+    return control, trial.n_failed
 
 
 def new_trial(spec: ExperimentSpec, key: TrialKey, *, upstream: str) -> Trial:
@@ -181,11 +230,42 @@ def probe_max_idle_s(upstream_idle_s: float) -> float:
     return max(10.0, 3 * upstream_idle_s + 5)
 
 
-def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float]) -> LocustPlan:
+def trial_budget(spec: ExperimentSpec, gaps_s: list[float]) -> Budget | None:
+    """The default load budget of a trial with these gaps (None: the spec sets one)."""
+    if spec.max_seconds is not None:
+        return None
+    return default_budget(close_s=max(gaps_s), burst_size=spec.burst_size,
+                          n_gaps=len(gaps_s), sweep=spec.sweep, rule=spec.stop)
+
+
+def check_budget(spec: ExperimentSpec, close_s: float) -> None:
+    """Refuse a budget that cannot reach any verdict at this close."""
+    least_s = least_budget_s(close_s)
+    if spec.max_seconds is not None and spec.max_seconds < least_s:
+        budget = default_budget(close_s=close_s, burst_size=spec.burst_size,
+                                n_gaps=spec.gap_steps, sweep=spec.sweep, rule=spec.stop)
+        raise ConfigError(
+            f"max_seconds {format_seconds(spec.max_seconds)} cannot reach any verdict with "
+            f"an upstream closing at about {close_s:g} s: every burst after the first waits "
+            f"one close, so it takes at least {format_seconds(math.ceil(least_s))}; give "
+            f"max_seconds {format_seconds(math.ceil(budget.max_seconds))} or more, or leave it "
+            "out (the default follows the close)")
+
+
+def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float], *,
+              control: bool = False) -> LocustPlan:
+    """The load of one trial. The control never stops as "safe": its one job is to race,
+    so it hunts for the whole budget (measured: controls that stopped after two reused
+    bursts of 150 users with no race made every safe cell of their experiment
+    inconclusive)."""
+    budget = trial_budget(spec, gaps_s)
+    max_seconds = budget.max_seconds if budget is not None else spec.max_seconds
+    assert max_seconds is not None
+    stop = dataclasses.replace(spec.stop, safe_after_requests=0) if control else spec.stop
     return LocustPlan(host_url=url, gaps_s=gaps_s, burst_size=spec.burst_size,
-                      methods=spec.methods, max_seconds=spec.max_seconds,
+                      methods=spec.methods, max_seconds=max_seconds, sweep=spec.sweep,
                       max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
-                      stop=spec.stop, loosen_ms=spec.loosen_ms)
+                      stop=stop, loosen_ms=spec.loosen_ms)
 
 
 def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, Any],
@@ -198,6 +278,7 @@ def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, A
     trial = trial.with_(
         gaps_s=tuple(gaps_s), outcomes=counts, by_gap=results.get("by_gap", {}),
         n_reused=int(results.get("n_reused", 0)), n_bursts=int(results.get("n_bursts", 0)),
+        n_cycles=int(results["n_cycles"]) if "n_cycles" in results else None,
         stop_reason=results.get("stop_reason"), elapsed_s=results.get("elapsed_s"),
         n_proxy_log_races=n_races(signatures), log_signatures=dict(signatures),
         burst_spread_ms_p95=p95(spreads), gap_error_ms_p95=p95(gap_errors),

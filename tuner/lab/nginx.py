@@ -20,9 +20,11 @@ from tuner.lab.errorlog import ErrorLog
 from tuner.lab.process import LOOPBACK, require_program
 from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
 
-#: Cached idle connections per worker: above the largest burst the lab sends, so a burst's
-#: connections all stay cached through the idle gap (the condition for the race).
-DEFAULT_KEEPALIVE_CONNS = 128
+#: Cached idle connections per worker: above the largest burst the lab sends (1,000), so a
+#: burst's connections all stay cached through the idle gap (the condition for the race).
+#: A burst of N users holds 2N descriptors in nginx (client and upstream side): 1,000 users
+#: fit worker_connections 4096 and the hard descriptor limit here (20,000).
+DEFAULT_KEEPALIVE_CONNS = 1024
 _TEMP_MODULES = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 

@@ -9,6 +9,18 @@ Two roles, as in Locust's distributed mode:
   applies the stopping rule, and says when the next burst starts: once every process that
   was expected for a burst has reported it (duplicates and stale reports are ignored).
 
+Two ways to sweep the idle gap over the race window (`sweep`):
+- "groups" (the default): every burst tries every gap. The users are split into one group
+  per gap; bursts alternate between *staggered* ones (odd index: group g fires gap g after
+  the previous burst's first answer, so the connections it reuses, all released together,
+  have sat idle exactly gap g whichever of them the proxy picks) and *tight* ones (even
+  index: every group at once, the largest gap after the staggered burst's first answer, so
+  the connections it reuses, released over the stagger, have sat idle the smallest gap to
+  the largest). Either way one burst covers the window: a full cycle per burst.
+- "bursts": every user at once, one gap per burst, cycling; a cycle takes one burst per gap.
+The groups are synchronized within themselves; a group's offset is part of the plan, not
+of the spread.
+
 The load also measures its own aim, because a burst that misses the few-millisecond race
 window proves nothing: per burst, the launch spread (first to last request written, across
 every process) and the achieved idle gap against the planned one; per reused request, how
@@ -26,43 +38,78 @@ from tuner.analysis.stopping import StopRule, decide, n_race_failures
 
 FIRST = "first"  # the first burst follows no idle gap
 STEADY = "steady"
+SWEEP_GROUPS = "groups"
+SWEEP_BURSTS = "bursts"
+SWEEPS = (SWEEP_GROUPS, SWEEP_BURSTS)
 
 
-def gap_key(gaps_s: Sequence[float], burst_index: int) -> str:
-    """The key an answer of burst `burst_index` is counted under: its preceding gap."""
+def n_groups(gaps_s: Sequence[float], sweep: str) -> int:
+    return len(gaps_s) if sweep == SWEEP_GROUPS else 1
+
+
+def fire_delay_s(gaps_s: Sequence[float], index: int, group: int = 0, *,
+                 sweep: str = SWEEP_BURSTS) -> float:
+    """How long after the previous burst's first answer group `group` of burst `index`
+    fires (`gaps_s` sorted in groups mode)."""
+    if index == 0:
+        return 0.0
+    if sweep == SWEEP_BURSTS:
+        return gaps_s[(index - 1) % len(gaps_s)]
+    if index % 2 == 1:
+        return gaps_s[group % len(gaps_s)]
+    return gaps_s[-1]
+
+
+def group_offset_s(gaps_s: Sequence[float], index: int, group: int, *, sweep: str) -> float:
+    """When group `group` fires, after the burst's announced instant (that of group 0)."""
+    return (fire_delay_s(gaps_s, index, group, sweep=sweep)
+            - fire_delay_s(gaps_s, index, 0, sweep=sweep))
+
+
+def gap_key(gaps_s: Sequence[float], burst_index: int, group: int = 0, *,
+            sweep: str = SWEEP_BURSTS) -> str:
+    """The key an answer is counted under: the idle gap its own connection sat before it.
+    A tight burst after a staggered one: group g answered gap g - gap 0 after the first
+    answer, so its connection sat the largest gap less that."""
     if burst_index == 0:
         return FIRST
-    return f"{gaps_s[(burst_index - 1) % len(gaps_s)]:.3f}"
+    if sweep == SWEEP_GROUPS and burst_index % 2 == 0:
+        g = group % len(gaps_s)
+        return f"{gaps_s[-1] - (gaps_s[g] - gaps_s[0]):.3f}"
+    return f"{fire_delay_s(gaps_s, burst_index, group, sweep=sweep):.3f}"
 
 
 @dataclass
 class BurstTally:
     gaps_s: Sequence[float]
+    sweep: str = SWEEP_BURSTS
     index: int = -1
     n_users: int = 0
     answers_at: list[float] = field(default_factory=list)
-    sent_at: list[float] = field(default_factory=list)
+    #: per group: when its requests were written
+    sent_at: dict[int, list[float]] = field(default_factory=dict)
     pending: dict[str, Counter[str]] = field(default_factory=dict)
     pending_idle_ms: Counter[int] = field(default_factory=Counter)
     reported: int = -1
 
     def start(self, index: int, n_users: int) -> None:
-        self.index, self.n_users, self.answers_at, self.sent_at = index, n_users, [], []
+        self.index, self.n_users, self.answers_at, self.sent_at = index, n_users, [], {}
 
     def answered(self, index: int, answered_at: float, outcome: str, *,
-                 sent_at: float | None = None, idle_s: float | None = None
+                 sent_at: float | None = None, idle_s: float | None = None, group: int = 0
                  ) -> dict[str, Any] | None:
         """Count one answer; return the burst's report once every user has answered.
         `sent_at`: when its request was written; `idle_s`: how long its connection had been
-        idle then (None for a fresh connection)."""
-        self.pending.setdefault(gap_key(self.gaps_s, index), Counter())[outcome] += 1
+        idle then (None for a fresh connection); `group`: the user's group."""
+        key = gap_key(self.gaps_s, index, group, sweep=self.sweep)
+        self.pending.setdefault(key, Counter())[outcome] += 1
         if idle_s is not None and index > 0:
             self.pending_idle_ms[round(idle_s * 1000)] += 1
         if index != self.index or index <= self.reported:
             return None  # late: it goes out with the next report
         self.answers_at.append(answered_at)
         if sent_at is not None:
-            self.sent_at.append(sent_at)
+            self.sent_at.setdefault(group, []).append(sent_at)
         return self.report() if len(self.answers_at) >= self.n_users else None
 
     def report(self) -> dict[str, Any] | None:
@@ -75,7 +122,8 @@ class BurstTally:
             "counts": {k: dict(v) for k, v in self.pending.items()},
             "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()}}
         if self.sent_at:
-            report.update(first_sent=min(self.sent_at), last_sent=max(self.sent_at))
+            report["groups"] = {str(g): [min(times), max(times)]
+                                for g, times in sorted(self.sent_at.items())}
         self.pending, self.pending_idle_ms = {}, Counter()
         return report
 
@@ -103,12 +151,13 @@ class Hub:
     gaps_s: Sequence[float]
     rule: StopRule
     max_requests: int = 0
+    sweep: str = SWEEP_BURSTS
     total: Counter[str] = field(default_factory=Counter)
     by_gap: dict[str, Counter[str]] = field(default_factory=dict)
     expected: dict[int, frozenset[str]] = field(default_factory=dict)
     received: dict[int, dict[str, float]] = field(default_factory=dict)
-    #: per burst: the first and the last request written, over every process
-    sent: dict[int, tuple[float, float]] = field(default_factory=dict)
+    #: per burst and group: the first and the last request written, over every process
+    sent: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
     idle_ms: Counter[int] = field(default_factory=Counter)
     n_bursts: int = 0
     stop_reason: str = "budget"
@@ -122,12 +171,11 @@ class Hub:
             self.idle_ms[int(ms)] += n
 
     def _merge_sent(self, index: int, report: Mapping[str, Any]) -> None:
-        if "first_sent" not in report:
-            return
-        first, last = float(report["first_sent"]), float(report["last_sent"])
-        if index in self.sent:
-            first, last = min(first, self.sent[index][0]), max(last, self.sent[index][1])
-        self.sent[index] = (first, last)
+        for group_name, (first, last) in report.get("groups", {}).items():
+            key = (index, int(group_name))
+            if key in self.sent:
+                first, last = min(first, self.sent[key][0]), max(last, self.sent[key][1])
+            self.sent[key] = (float(first), float(last))
 
     def expect(self, index: int, senders: frozenset[str]) -> None:
         """Which processes must report burst `index` before the next one starts."""
@@ -140,7 +188,12 @@ class Hub:
 
     @property
     def n_cycles(self) -> int:
-        """Complete passes over the gap schedule."""
+        """Complete passes over the gap schedule: in groups mode, every reused burst in
+        which every group fired; else one per len(gaps) reused bursts."""
+        if self.sweep == SWEEP_GROUPS:
+            groups = set(range(n_groups(self.gaps_s, self.sweep)))
+            return sum(1 for index in range(1, self.n_bursts)
+                       if {g for i, g in self.sent if i == index} >= groups)
         return max(0, self.n_bursts - 1) // len(self.gaps_s)
 
     def report(self, sender: str, report: Mapping[str, Any]) -> NextBurst | Stop | None:
@@ -158,7 +211,8 @@ class Hub:
         stop = self._check_stop(after_burst=True)
         if stop is not None:
             return stop
-        return NextBurst(index + 1, min(got.values()) + self.gaps_s[index % len(self.gaps_s)])
+        return NextBurst(index + 1, min(got.values())
+                         + fire_delay_s(self.gaps_s, index + 1, sweep=self.sweep))
 
     def steady(self, counts: Mapping[str, Mapping[str, int]]) -> Stop | None:
         """Steady mode: merge, and stop on the unsafe threshold or the request budget only."""
@@ -178,27 +232,31 @@ class Hub:
         return None
 
     def burst_spreads_ms(self) -> list[float]:
-        """Per burst: first to last request written, over every process."""
+        """Per burst and group: first to last request written, over every process (a
+        group's planned offset is not spread)."""
         return [round((last - first) * 1000, 3) for _, (first, last) in sorted(self.sent.items())]
 
     def gap_errors_ms(self) -> list[float]:
-        """Per burst after a gap: when its first request was written, against the plan (the
-        previous burst's first answer plus the gap)."""
+        """Per burst and group after a gap: when its first request was written, against the
+        plan (the previous burst's first answer plus the group's delay)."""
         errors = []
-        for index, (first_sent, _) in sorted(self.sent.items()):
+        for (index, group), (first_sent, _) in sorted(self.sent.items()):
             answers = self.received.get(index - 1)
             if index == 0 or not answers:
                 continue
-            planned_s = self.gaps_s[(index - 1) % len(self.gaps_s)]
+            planned_s = fire_delay_s(self.gaps_s, index, group, sweep=self.sweep)
             errors.append(round((first_sent - min(answers.values()) - planned_s) * 1000, 3))
         return errors
 
     def results(self, *, mode: str, elapsed_s: float) -> dict[str, Any]:
-        return {"mode": mode, "stop_reason": self.stop_reason, "n_bursts": self.n_bursts,
+        return {"mode": mode, "sweep": self.sweep, "stop_reason": self.stop_reason,
+                "n_bursts": self.n_bursts,
                 "gaps_s": list(self.gaps_s), "counts": dict(self.total),
                 "by_gap": {k: dict(v) for k, v in sorted(self.by_gap.items())},
                 "n_requests": sum(self.total.values()), "n_reused": self.n_reused,
                 "n_cycles": self.n_cycles, "elapsed_s": round(elapsed_s, 3),
                 "burst_spread_ms": self.burst_spreads_ms(),
                 "gap_error_ms": self.gap_errors_ms(),
-                "idle_ms": {str(ms): n for ms, n in sorted(self.idle_ms.items())}}
+                "idle_ms": {str(ms): n for ms, n in sorted(self.idle_ms.items())},
+                # how many load processes reported each burst (the most over the bursts)
+                "n_processes": max((len(got) for got in self.received.values()), default=0)}

@@ -39,7 +39,18 @@ from locust.runners import MasterRunner, WorkerRunner
 from tuner.analysis.outcomes import Outcome, outcome_of_response
 from tuner.analysis.stopping import StopRule
 from tuner.errors import TunerError
-from tuner.load.conduct import STEADY, BurstTally, Hub, NextBurst, Stop
+from tuner.load.conduct import (
+    STEADY,
+    SWEEP_BURSTS,
+    SWEEP_GROUPS,
+    SWEEPS,
+    BurstTally,
+    Hub,
+    NextBurst,
+    Stop,
+    group_offset_s,
+    n_groups,
+)
 from tuner.load.methods import parse_method_mix
 
 _MSG_DONE = "tuner_burst_done"
@@ -48,6 +59,9 @@ _MSG_AT = "tuner_burst_at"
 #: connection_timeout + network_timeout (5 + 10 s), so only a request that failed anyway
 #: can miss it (and it is then counted with the next report)
 BURST_TIMEOUT_S = 20.0
+#: from "every user exists" to the first burst: time for the master's message to reach
+#: every worker, so that all fire at the same instant
+FIRST_BURST_DELAY_S = 0.3
 _NO_ANSWER = frozenset({Outcome.RESET, Outcome.TIMEOUT, Outcome.CONNECT_ERROR})
 
 
@@ -63,6 +77,9 @@ def _add_arguments(parser: Any) -> None:
                             "retries idempotent methods and hides the race)")
     group.add_argument("--tuner-path", default="/", help="request path (default /)")
     group.add_argument("--tuner-mode", choices=("bursts", "steady"), default="bursts")
+    group.add_argument("--tuner-sweep", choices=SWEEPS, default=SWEEP_BURSTS,
+                       help="bursts: one gap per burst; groups: every burst tries every gap "
+                            "(one group of users per gap; see tuner.load.conduct)")
     group.add_argument("--tuner-max-requests", type=int, default=0,
                        help="stop after this many requests (0: no limit)")
     group.add_argument("--tuner-max-seconds", type=float, default=60.0,
@@ -92,16 +109,20 @@ class _Conductor:
         options = _options(environment)
         self.environment = environment
         self.mode = options.tuner_mode
+        self.sweep = options.tuner_sweep
         self.gaps_s = [float(g) for g in options.tuner_gaps.split(",")]
         if not self.gaps_s or min(self.gaps_s) <= 0:
             raise ValueError(f"--tuner-gaps {options.tuner_gaps!r}: positive seconds needed")
+        if self.sweep == SWEEP_GROUPS:
+            self.gaps_s.sort()  # group g waits the g-th smallest gap
+        self.n_groups = n_groups(self.gaps_s, self.sweep)
         self.methods = parse_method_mix(options.tuner_methods, what="--tuner-methods")
         self.results_path = options.tuner_results
         self.started_at = time.time()
-        self.tally = BurstTally(self.gaps_s)
+        self.tally = BurstTally(self.gaps_s, sweep=self.sweep)
         self.hub = Hub(self.gaps_s, StopRule(unsafe_after_failures=options.tuner_unsafe_after,
                                              safe_after_requests=options.tuner_safe_after),
-                       max_requests=options.tuner_max_requests)
+                       max_requests=options.tuner_max_requests, sweep=self.sweep)
         self.burst_index = -1
         self.burst_at = 0.0
         self.new_burst = Event()
@@ -114,24 +135,48 @@ class _Conductor:
 
     # -- every process: when to fire, and what came back --------------------------------
     def start_first_burst(self) -> None:
-        """Once this process's users exist (Locust says spawning is complete)."""
-        if self.burst_index < 0 and self.mode == "bursts":
-            self.schedule(0, time.time() + 0.2)
+        """Once every user exists (Locust says spawning is complete): in a single process
+        this process fires; with workers the master sends every worker the same instant."""
+        if self.hub.n_bursts or self.mode != "bursts" or self.finished:
+            return
+        at = time.time() + FIRST_BURST_DELAY_S
+        if isinstance(self.runner, MasterRunner):
+            self.runner.send_message(_MSG_AT, {"index": 0, "at": at})
+        elif self.burst_index < 0:
+            self.schedule(0, at)
+
+    def local_users(self) -> int:
+        """This process's users. Not the count `spawning_complete` gives: on a worker, that
+        event comes from the master with the total over every worker (Locust 2.x), and a
+        worker that waited for that many answers never reported a burst before its
+        deadline (the bug behind "Locust sent no request" with --workers)."""
+        return int(self.runner.user_count) if self.runner is not None else self.n_users
 
     def schedule(self, index: int, at: float) -> None:
         if index <= self.burst_index or self.finished:
             return
         self.burst_index, self.burst_at = index, at
-        self.tally.start(index, self.n_users)
+        self.tally.start(index, self.local_users())
         # a fresh Event per burst: users waiting on the old one all wake, none can miss it
         released, self.new_burst = self.new_burst, Event()
         released.set()
-        gevent.spawn_later(max(0.0, at - time.time()) + BURST_TIMEOUT_S, self._deadline, index)
+        last_group_s = max(self.offset_s(index, g) for g in range(self.n_groups))
+        gevent.spawn_later(max(0.0, at + last_group_s - time.time()) + BURST_TIMEOUT_S,
+                           self._deadline, index)
+
+    def offset_s(self, index: int, group: int) -> float:
+        return group_offset_s(self.gaps_s, index, group, sweep=self.sweep)
+
+    def group_of(self, user_number: int) -> int:
+        """The group of this process's `user_number`-th user (from 1); workers start at
+        their own index, so that a few users per worker still cover every group."""
+        worker_index = int(getattr(self.runner, "worker_index", 0) or 0)
+        return (worker_index + user_number - 1) % self.n_groups
 
     def answered(self, index: int, answered_at: float, outcome: Outcome, *, sent_at: float,
-                 idle_s: float | None) -> None:
+                 idle_s: float | None, group: int) -> None:
         report = self.tally.answered(index, answered_at, outcome.value, sent_at=sent_at,
-                                     idle_s=idle_s)
+                                     idle_s=idle_s, group=group)
         if report is not None:
             self._deliver(report)
 
@@ -220,9 +265,12 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
 
 @events.spawning_complete.add_listener
 def _on_spawned(user_count: int, **_kwargs: Any) -> None:
-    if _conductor is not None and not isinstance(_conductor.runner, MasterRunner):
-        _conductor.n_users = user_count
-        _conductor.start_first_burst()
+    if _conductor is None:
+        return
+    if isinstance(_conductor.runner, WorkerRunner):
+        return  # the master conducts, the first burst too
+    _conductor.n_users = user_count
+    _conductor.start_first_burst()
 
 
 @events.quitting.add_listener
@@ -263,6 +311,7 @@ class RaceHuntingUser(FastHttpUser):
         self.body = '{"tuner": "race-hunting"}'
         self.done_index = -1
         self.steady_phase = RaceHuntingUser.n_started
+        self.sweep_group = _conductor.group_of(RaceHuntingUser.n_started)
         #: when this user's connection last got an answer (it has sat idle since)
         self.last_answer_at: float | None = None
 
@@ -293,7 +342,7 @@ class RaceHuntingUser(FastHttpUser):
                 return
         index, at = _conductor.burst_index, _conductor.burst_at
         loosen_ms = _options(self.environment).tuner_loosen_ms
-        gevent.sleep(max(0.0, at - time.time())
+        gevent.sleep(max(0.0, at + _conductor.offset_s(index, self.sweep_group) - time.time())
                      + (self.random.uniform(0, loosen_ms) / 1000 if loosen_ms else 0.0))
         sent_at = time.time()
         idle_s = sent_at - self.last_answer_at if self.last_answer_at is not None else None
@@ -301,7 +350,8 @@ class RaceHuntingUser(FastHttpUser):
         # no HTTP answer leaves no connection behind: the next request starts a fresh one
         self.last_answer_at = None if outcome in _NO_ANSWER else answered_at
         self.done_index = index
-        _conductor.answered(index, answered_at, outcome, sent_at=sent_at, idle_s=idle_s)
+        _conductor.answered(index, answered_at, outcome, sent_at=sent_at, idle_s=idle_s,
+                            group=self.sweep_group)
 
     def _steady(self) -> None:
         """The same mean rate as the bursts, without gaps: one request per mean period."""

@@ -35,6 +35,8 @@ class LocustPlan:
     methods: str = "POST"
     path: str = "/"
     mode: str = "bursts"
+    #: "bursts": one gap per burst; "groups": every burst tries every gap (tuner.load.conduct)
+    sweep: str = "bursts"
     max_seconds: float = 40.0
     max_requests: int = 0
     workers: int = 0
@@ -52,6 +54,13 @@ class LocustPlan:
         parse_method_mix(self.methods)
         if self.mode not in ("bursts", "steady"):
             raise ConfigError(f"mode {self.mode!r} is not bursts or steady")
+        if self.sweep not in ("groups", "bursts"):
+            raise ConfigError(f"sweep {self.sweep!r} is not groups or bursts")
+        if self.sweep == "groups" and self.burst_size < len(self.gaps_s):
+            raise ConfigError(f"burst_size {self.burst_size} is below the {len(self.gaps_s)} "
+                              "gaps: every gap needs a group of at least one user; raise "
+                              f"burst_size to {len(self.gaps_s)} or more, or sweep one gap "
+                              "per burst")
         if self.burst_size < 1 or self.workers < 0 or self.max_seconds <= 0:
             raise ConfigError(f"burst_size {self.burst_size} must be >= 1, workers "
                               f"{self.workers} >= 0, max_seconds {self.max_seconds:g} > 0")
@@ -70,7 +79,7 @@ def locust_argv(plan: LocustPlan, *, results_path: Path, master_port: int = 5557
             "--host", f"{url.scheme}://{url.netloc}", "--only-summary", "--loglevel", "WARNING",
             "--tuner-gaps", ",".join(f"{g:.6f}".rstrip("0").rstrip(".") for g in plan.gaps_s),
             "--tuner-burst-size", str(plan.burst_size), "--tuner-methods", plan.methods,
-            "--tuner-path", path, "--tuner-mode", plan.mode,
+            "--tuner-path", path, "--tuner-mode", plan.mode, "--tuner-sweep", plan.sweep,
             "--tuner-max-seconds", str(plan.max_seconds),
             "--tuner-max-requests", str(plan.max_requests),
             "--tuner-unsafe-after", str(plan.stop.unsafe_after_failures),

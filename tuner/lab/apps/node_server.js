@@ -24,5 +24,7 @@ const server = http.createServer((req, res) => {
 // The setting under test. Node (v20) really closes an idle connection about 1 s later than
 // this (keepAliveTimeoutBuffer); the tuner measures that instead of assuming it.
 server.keepAliveTimeout = keepAliveTimeoutMs;
-server.listen(port, process.argv[4] || '127.0.0.1');
+// A first burst opens up to 1,000 connections at once; Node's default backlog (511) would
+// drop the SYNs beyond it and the proxy would retry them a second later.
+server.listen(port, process.argv[4] || '127.0.0.1', 4096);
 process.on('SIGTERM', () => { server.close(); process.exit(0); });
