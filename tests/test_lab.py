@@ -132,8 +132,8 @@ def test_exception_inside_the_lab_stops_everything(no_leftover_children: None) -
 
 
 def test_unknown_proxy_lists_choices() -> None:
-    with pytest.raises(ConfigError, match="choose one of nginx, haproxy"):
-        Lab(proxy="envoy", upstream=get_upstream("node"), proxy_idle_s=1, upstream_idle_s=1)
+    with pytest.raises(ConfigError, match="'traefik'; choose one of nginx, haproxy, envoy"):
+        Lab(proxy="traefik", upstream=get_upstream("node"), proxy_idle_s=1, upstream_idle_s=1)
 
 
 def test_value_the_upstream_cannot_take_fails_before_starting(
@@ -154,6 +154,19 @@ def test_proxy_rejecting_its_config_shows_its_own_message(tmp_path: Path,
     with pytest.raises(ProxyConfigError, match='unknown directive "keepalive_timout"'):
         proxy.start(proxy_idle_s=1)
     proxy.stop()
+    assert proxy.generation == 0  # the rejected generation never came into force
+
+
+def test_a_render_that_fails_keeps_the_generation(tmp_path: Path) -> None:
+    class BrokenNginx(NginxProxy):
+        def render(self, proxy_idle_s: float) -> str:
+            raise ValueError(f"cannot render {proxy_idle_s}")
+
+    proxy = BrokenNginx(workdir=tmp_path, listen_port=pick_free_port(),
+                        upstream_port=pick_free_port())
+    with pytest.raises(ValueError, match="cannot render 1"):
+        proxy.start(proxy_idle_s=1)
+    assert proxy.generation == 0
 
 
 def test_lab_info_is_json_serializable(no_leftover_children: None) -> None:

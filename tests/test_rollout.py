@@ -143,3 +143,23 @@ def test_a_sidecar_without_nginx_says_so(tmp_path: Path) -> None:
     status = sidecar.state.status()
     assert status["generation"] == "7" and status["reloads"] == 0
     assert "could not signal nginx" in str(status["error"])
+
+
+def test_an_unreadable_error_log_is_reported_not_raised(tmp_path: Path) -> None:
+    # a directory where the log should be: open() fails with an OSError even as root
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "render").mkdir()
+    (tmp_path / "error.log").mkdir()
+    from tuner.sidecar import Sidecar, SidecarPaths
+
+    sidecar = Sidecar(SidecarPaths(tuning_dir=tmp_path / "tuning",
+                                   render_dir=tmp_path / "render",
+                                   nginx_pid=tmp_path / "nginx.pid",
+                                   error_log=tmp_path / "error.log"))
+    sidecar.step()
+    error = str(sidecar.state.status()["error"])
+    assert f"cannot read nginx's error log {tmp_path / 'error.log'}" in error
+    (tmp_path / "error.log").rmdir()
+    (tmp_path / "error.log").write_text("")
+    sidecar.step()  # readable again: the problem clears
+    assert "error log" not in str(sidecar.state.status()["error"])

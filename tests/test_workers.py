@@ -33,7 +33,11 @@ def test_two_workers_send_every_burst_and_count_every_answer() -> None:
     # every user answered every burst, none twice (a late answer counts with the next report)
     assert results["n_requests"] == 30 * results["n_bursts"], results
     assert sum(sum(c.values()) for c in results["by_gap"].values()) == results["n_requests"]
-    assert results["stop_reason"] == "unsafe", results
+    # the run ended by the stop rule, not by its budget or an error; whether this short run
+    # caught a race is not asserted: the groups sweep catches it at 0-5 % per reused request,
+    # and not in every run (README, "Production timeouts"), so the stop rule may say "safe"
+    # here (the experiment's judge then says unsafe by the mechanism rule: the next test)
+    assert results["stop_reason"] in ("unsafe", "safe"), results
     # one spread per burst and group of the sweep, measured over both workers
     assert len(results["burst_spread_ms"]) == 3 * results["n_bursts"]
     assert len(results["gap_error_ms"]) == 3 * (results["n_bursts"] - 1)

@@ -344,8 +344,11 @@ def _add_apply(commands: _Commands) -> None:
         epilog="examples:\n"
                "  tuner apply results.db --dry-run              # show the diff, write nothing\n"
                "  tuner apply results.db --context prod --namespace shop\n\n"
-               "RBAC needed: get, create, update on configmaps in each target namespace\n"
-               "(get on namespaces is used for a clearer error when one is missing).\n\n"
+               "RBAC needed (your kubeconfig's user; the Job does not apply): get, create,\n"
+               "patch on configmaps in each target namespace; with -o destinationrule the\n"
+               "same on destinationrules.networking.istio.io, with -o backendtrafficpolicy\n"
+               "on backendtrafficpolicies.gateway.envoyproxy.io (get on namespaces is used\n"
+               "for a clearer error when one is missing).\n\n"
                + EXIT_CODES)
     _add_recommend_options(apply)
     apply.add_argument("-o", "--output", default="configmap",

@@ -134,6 +134,8 @@ class SidecarState:
     error: str | None = None
     #: why the tuning source cannot be read (TuningSource.problem)
     source_error: str | None = None
+    #: why nginx's error log cannot be read (its races hidden by retries go uncounted)
+    log_error: str | None = None
     n_reloads: int = 0
     #: False while nginx could not be told (reload failed): the rendering waits on disk, the
     #: running nginx still has the previous settings, and the generation is not in force
@@ -153,7 +155,8 @@ class SidecarState:
 
     def describe_error(self) -> str | None:
         """Both problems, the source's first (the caller holds the lock)."""
-        return "; ".join(error for error in (self.source_error, self.error) if error) or None
+        return "; ".join(error for error in (self.source_error, self.log_error, self.error)
+                         if error) or None
 
     def metrics(self) -> str:
         with self.lock:
@@ -222,9 +225,16 @@ class Sidecar:
         problem = self.source.problem()
         with self.state.lock:
             self.state.source_error = problem
-        lines, self._log_offset = self.log.read_since(self._log_offset)
+        try:
+            lines, self._log_offset = self.log.read_since(self._log_offset)
+            log_error = None
+        except OSError as exc:  # e.g. a log written by another user, unreadable to us
+            lines, log_error = [], (f"cannot read nginx's error log {self.log.path} "
+                                    f"({exc.strerror}): races nginx hid by retrying go "
+                                    "uncounted; make it readable to the sidecar's user")
         counts = count_nginx_signatures(lines)
         with self.state.lock:
+            self.state.log_error = log_error
             self.state.signatures.update(counts)
 
     def _apply(self, data: Mapping[str, str]) -> None:

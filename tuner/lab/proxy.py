@@ -103,7 +103,15 @@ class Proxy(ABC):
     def _write_conf(self, proxy_idle_s: float) -> None:
         """Render, let the proxy check it, and only then put it in place: a rejected config
         never replaces the one in force (it is kept beside it, as `*.rejected`)."""
-        self.generation += 1
+        self.generation += 1  # render() stamps the new generation into the config
+        try:
+            candidate = self._checked_candidate(proxy_idle_s)
+        except BaseException:
+            self.generation -= 1  # nothing new is in place: the old generation stays
+            raise
+        candidate.replace(self.conf_path)
+
+    def _checked_candidate(self, proxy_idle_s: float) -> Path:
         candidate = self.conf_path.with_name(self.conf_path.name + ".candidate")
         candidate.write_text(self.render(proxy_idle_s))
         try:
@@ -114,11 +122,10 @@ class Proxy(ABC):
                                    f"{CHECK_TIMEOUT_S:g}s") from exc
         if checked.returncode != 0:
             rejected = candidate.rename(candidate.with_suffix(".rejected"))
-            self.generation -= 1
             message = (checked.stderr or checked.stdout).strip()
             raise ProxyConfigError(f"{self.name} rejected its configuration {rejected}:\n"
                                    f"{message}")
-        candidate.replace(self.conf_path)
+        return candidate
 
     def _wait_generation(self, *, timeout_s: float) -> None:
         assert self._process is not None

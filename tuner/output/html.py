@@ -131,7 +131,7 @@ def _cell(value: float | None, fmt: str) -> str:
 def _trial_table(trials: Sequence[Trial]) -> str:
     head = ("<tr><th>proxy idle</th><th>proxy keeps</th><th>upstream idle</th>"
             "<th>advertised</th><th>measured close</th><th>close</th><th>margin</th>"
-            "<th>requests</th><th>502</th><th>failed</th><th>log races</th>"
+            "<th>requests</th><th>race failures (client)</th><th>failed</th><th>races the proxy saw</th>"
             "<th>burst spread median / p95</th><th>gap error p95</th><th>in window</th>"
             "<th>verdict</th></tr>")
     rows = []
@@ -148,7 +148,7 @@ def _trial_table(trials: Sequence[Trial]) -> str:
             f"<td>{_cell(t.upstream_close_s, '.3f')} s</td>"
             f"<td>{html.escape(str(t.close_kind or '-'))}</td>"
             f"<td>{_cell(t.margin_s, '+.2f')} s</td>"
-            f"<td>{t.n_requests}</td><td>{t.n_502}</td>"
+            f"<td>{t.n_requests}</td><td>{t.n_race_failures}</td>"
             f"<td>{t.n_failed}</td><td>{t.n_proxy_log_races}</td>"
             f"<td>{_cell(t.burst_spread_ms_median, '.1f')} / "
             f"{_cell(t.burst_spread_ms_p95, '.1f')} ms</td>"

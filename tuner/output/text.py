@@ -56,9 +56,11 @@ def render_trials(trials: Sequence[Trial]) -> str:
     """The table of an experiment's trials (the control first, then by cell), and under it
     each verdict in words. "keeps": the proxy's measured idle lifetime; "spread": how long
     the load took to write a burst, median/p95 over bursts; "in window": reused requests
-    sent within 2 ms of the measured close."""
+    sent within 2 ms of the measured close; "race fail": the client's race failures (502
+    behind nginx and HAProxy, 503 "UC" behind Envoy); "proxy saw": the races the proxy
+    counted (its error log, or Envoy's admin stats), hidden retries included."""
     header = (f"{'proxy idle':>10}  {'keeps':>7}  {'upstream idle':>13}  {'closes at':>9}  "
-              f"{'margin':>7}  {'requests':>8}  {'502':>4}  {'failed':>6}  {'log races':>9}  "
+              f"{'margin':>7}  {'requests':>8}  {'race fail':>9}  {'failed':>6}  {'proxy saw':>9}  "
               f"{'spread':>8}  {'in window':>9}  verdict")
     rows = [header]
     why = []
@@ -76,7 +78,7 @@ def render_trials(trials: Sequence[Trial]) -> str:
             f"{format_seconds(t.proxy_idle_s):>10}  {_seconds_or_dash(t.proxy_lifetime_s):>7}"
             f"  {format_seconds(t.upstream_idle_s):>13}"
             f"  {_seconds_or_dash(t.upstream_close_s):>9}  {margin:>7}  {t.n_requests:>8}"
-            f"  {t.n_502:>4}  {t.n_failed:>6}  {t.n_proxy_log_races:>9}  {spread:>8}"
+            f"  {t.n_race_failures:>9}  {t.n_failed:>6}  {t.n_proxy_log_races:>9}  {spread:>8}"
             f"  {in_window:>9}  {verdict}")
         reason = t.invalid_reason if t.verdict == "invalid" else t.verdict_text
         if reason:
