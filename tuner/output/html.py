@@ -131,7 +131,8 @@ def _cell(value: float | None, fmt: str) -> str:
 def _trial_table(trials: Sequence[Trial]) -> str:
     head = ("<tr><th>proxy idle</th><th>proxy keeps</th><th>upstream idle</th>"
             "<th>advertised</th><th>measured close</th><th>close</th><th>margin</th>"
-            "<th>requests</th><th>race failures (client)</th><th>failed</th><th>races the proxy saw</th>"
+            "<th>requests</th><th>race failures (client)</th><th>failed</th>"
+            "<th>races the proxy saw</th>"
             "<th>burst spread median / p95</th><th>gap error p95</th><th>in window</th>"
             "<th>verdict</th></tr>")
     rows = []
