@@ -13,7 +13,7 @@ demo: setup
 # The kube tests run against a real control plane: its binaries are built (once per machine,
 # tens of minutes cold) before pytest, whose per-test timeout a build would not fit.
 test: setup-test lint k8s-binaries
-	.venv/bin/pytest
+	.venv/bin/pytest -m "not slow"
 
 lint: setup
 	.venv/bin/ruff check tuner tests bench locustfiles
@@ -32,11 +32,14 @@ cluster-down:
 	@python3 scripts/cluster.py down
 
 # Tier 3: the tuner image, built with podman from a local Debian base (no registry); then
-# the end-to-end tests (e2e/): the demo pod from those images (root needed).
+# the end-to-end tests (e2e/): the demo pod from those images (root needed). First the
+# tests marked slow (tests/, 40 s or more each: whole grids, kill -9 and resume, the cluster
+# loops), which `make test` leaves out.
 image:
 	@./scripts/image/build
 
 # Tier 4 (e2e/test_node.py) also needs the node's binaries: kubelet and kube-proxy.
 e2e: setup-test image
 	@./scripts/k8s-build/build >/dev/null
+	.venv/bin/pytest -m slow
 	.venv/bin/pytest e2e

@@ -126,6 +126,7 @@ def _ledger(state: KubeState) -> dict[str, str]:
 
 
 @pytest.mark.race
+@pytest.mark.slow
 def test_the_cluster_loop_end_to_end_through_conflicts_and_an_api_outage(
         tmp_path: Path) -> None:
     with kube_api(tmp_path) as (state, kubeconfig), \
@@ -176,6 +177,7 @@ def test_the_cluster_loop_end_to_end_through_conflicts_and_an_api_outage(
         assert [w["name"] for w in document["written"]] == ["tuner-keepalive"]
 
 
+@pytest.mark.slow
 def test_sigterm_restores_the_baseline_and_a_rerun_resumes(tmp_path: Path) -> None:
     with kube_api(tmp_path) as (state, kubeconfig), \
             demo_pod(tmp_path, state, kubeconfig) as pod:

@@ -172,6 +172,7 @@ def _hunt(lab: Lab, close_s: float, *, method: str) -> tuple[BurstReport, int, d
 
 
 @pytest.mark.race
+@pytest.mark.slow
 def test_envoy_503s_at_its_default_idle_and_none_below_the_close(
         no_leftover_children: None) -> None:
     """Envoy's default 1 h against Node at 1000 ms (closes at 2.0 s) races; every race is a

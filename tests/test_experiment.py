@@ -89,6 +89,7 @@ def test_upstream_that_cannot_take_a_grid_value_fails_before_starting(tmp_path: 
 
 
 @pytest.mark.race
+@pytest.mark.slow
 def test_grid_is_unsafe_exactly_where_the_proxy_outlives_the_upstream(tmp_path: Path) -> None:
     db = tmp_path / "grid.db"
     result = subprocess.run([*TUNER, "experiment", "--proxy", "nginx", "--upstream", "node",
@@ -123,6 +124,7 @@ def test_grid_is_unsafe_exactly_where_the_proxy_outlives_the_upstream(tmp_path: 
 
 
 @pytest.mark.race
+@pytest.mark.slow
 def test_haproxy_records_its_failure_kind(tmp_path: Path) -> None:
     result = subprocess.run([*TUNER, "experiment", "--proxy", "haproxy", "--upstream", "node",
                              "--proxy-idle", "10s", "--upstream-idle", "1s", "--max-seconds",
@@ -177,6 +179,7 @@ def test_steady_mode_sends_the_same_mean_rate_without_gaps(tmp_path: Path) -> No
 
 
 @pytest.mark.race
+@pytest.mark.slow
 def test_kill_9_then_resume_repeats_no_trial(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     db = tmp_path / "resume.db"

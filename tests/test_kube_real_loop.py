@@ -139,6 +139,7 @@ def _used(kube: RealCluster, user: str) -> tuple[set[tuple[str, str, str]], list
 
 
 @pytest.mark.race
+@pytest.mark.slow
 def test_the_cluster_loop_on_a_real_api_server_through_an_outage(
         kube: RealCluster, tmp_path: Path) -> None:
     with demo(kube, tmp_path) as (ns, pod, proxy, admin):

@@ -14,6 +14,7 @@ TUNER = [sys.executable, "-m", "tuner.cli"]
 
 
 @pytest.mark.race
+@pytest.mark.slow
 def test_loose_bursts_never_give_a_safe_verdict(tmp_path: Path) -> None:
     # nginx 1s in front of Node closing at 2.0 s is safe; with every request of a burst
     # delayed by a random 0-30 ms, the load cannot aim at the race window, and says so

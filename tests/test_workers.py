@@ -44,6 +44,7 @@ def test_two_workers_send_every_burst_and_count_every_answer() -> None:
     assert results["n_cycles"] == results["n_bursts"] - 1  # every burst tried every gap
 
 
+@pytest.mark.slow
 def test_experiment_with_workers_gives_verdicts(tmp_path: Path) -> None:
     db = tmp_path / "w.db"
     result = subprocess.run([*TUNER, "experiment", "--proxy", "nginx", "--upstream", "node",
