@@ -244,6 +244,35 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     wait_for(lambda: not alive(started), timeout_s=5, what="exit of every process it started")
 
 
+@pytest.mark.parametrize(("proxy_idle", "n_loads"), [
+    # the lifetime at 20 s is still being measured beside the control's load
+    ("1s,20s", 1),
+    # the two cells run side by side after the control, each in a thread of its own
+    ("1s,3s", 2)])
+def test_ctrl_c_stops_work_in_other_threads_at_once(tmp_path: Path, proxy_idle: str,
+                                                    n_loads: int) -> None:
+    db = tmp_path / "p.db"
+    runner = subprocess.Popen([*TUNER, "experiment", "--proxy-idle", proxy_idle,
+                               "--upstream-idle", "1s", "--parallel", "2", "--max-seconds", "90",
+                               "--db", str(db)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+
+    def loads() -> int:
+        return sum(1 for pid in descendants(runner.pid)
+                   if _cmdline(pid).split()[1:3] == ["-m", "locust"])
+
+    wait_for(lambda: loads() >= n_loads, timeout_s=90, what=f"{n_loads} Locust load(s)")
+    started = descendants(runner.pid)
+    interrupted = time.monotonic()
+    runner.send_signal(signal.SIGINT)
+    _, stderr = runner.communicate(timeout=60)
+    # not the 90 s budgets nor the 20 s lifetime: the threads saw the cancel
+    assert time.monotonic() - interrupted < 15, stderr
+    assert runner.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    wait_for(lambda: not alive(started), timeout_s=5, what="exit of every process it started")
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

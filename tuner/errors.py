@@ -63,6 +63,13 @@ class LoadError(TunerError):
     exit_code = 4
 
 
+class Cancelled(TunerError):
+    """Work running beside the main thread stopped because the run was interrupted (Ctrl-C
+    or SIGTERM reach only the main thread; it sets the event the others watch)."""
+
+    exit_code = 130
+
+
 class StoreError(TunerError):
     """The results store cannot be read or written."""
 

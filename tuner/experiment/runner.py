@@ -1,8 +1,9 @@
 """`tuner experiment`: run every trial of a spec on the local lab and record each one.
 
 One trial = one cell of the grid (proxy idle x upstream idle) and one repeat:
-  0. (once per proxy idle value, all at once, before the first trial) measure the proxy's
-     real idle lifetime at that setting (tuner.lab.lifetime);
+  0. (once per proxy idle value, all at once, beside the control trial, which does not
+     need them) measure the proxy's real idle lifetime at that setting
+     (tuner.lab.lifetime);
   1. set the lab's timeouts (reload the proxy / restart the upstream) and wait for readiness;
   2. probe the upstream's real idle close time (it is what the gaps straddle, and it is
      recorded with the trial); the control trial takes its proxy idle timeout from it. The
@@ -25,9 +26,11 @@ import importlib.metadata
 import platform
 import queue
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,11 +152,17 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
         say(f"{'resuming ' if stored else ''}experiment {experiment_id}: {len(plan.order)} "
             f"trials{f', {plan.n_done} already recorded' if stored else ''}, results in {db}")
         if plan.todo:
-            lifetimes = _proxy_lifetimes(spec, plan.todo, say=say)
             probed: dict[float, ProbeResult] = {}
             first = plan.todo[0]
             n_labs = max(1, min(spec.parallel, len(plan.todo)))
+            cancel = threading.Event()
             with contextlib.ExitStack() as labs:
+                # the lifetimes wait about the longest setting: beside the control's probe
+                # and load, which do not need them, rather than before them
+                measuring = labs.enter_context(ThreadPoolExecutor(max_workers=1))
+                labs.callback(cancel.set)  # runs first on the way out: stop the waiting
+                lifetimes_future = measuring.submit(_proxy_lifetimes, spec, plan.todo,
+                                                    say=say, cancel=cancel)
                 # one lab per cell running at once, each on its own OS-chosen ports
                 free: queue.Queue[Lab] = queue.Queue()
                 for _ in range(n_labs):
@@ -164,17 +173,19 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
                         upstream_idle_s=first.upstream_idle_s)))
 
                 def run_one(key: TrialKey) -> Trial:
+                    lifetime_s = (None if key.control
+                                  else lifetimes_future.result().get(key.proxy_idle_s))
                     lab = free.get()
                     try:
                         return run_trial(lab, spec, key, tick=tick if n_labs == 1 else None,
-                                         say=say, proxy_lifetime_s=lifetimes.get(
-                                             key.proxy_idle_s), probed=probed)
+                                         say=say, proxy_lifetime_s=lifetime_s, probed=probed,
+                                         cancel=cancel)
                     finally:
                         free.put(lab)
 
                 run_trials(store, experiment_id, plan, spec=spec, say=say,
                            new=lambda key: new_trial(spec, key, upstream=_upstream_name(spec)),
-                           run_one=run_one, parallel=n_labs)
+                           run_one=run_one, parallel=n_labs, cancel=cancel)
         trials = store.trials(experiment_id)
     return ExperimentRun(experiment_id, db, spec, trials, len(plan.order))
 
@@ -185,7 +196,8 @@ def _upstream_name(spec: ExperimentSpec) -> str:
 
 
 def _proxy_lifetimes(spec: ExperimentSpec, keys: list[TrialKey], *,
-                     say: Callable[[str], None]) -> dict[float, float]:
+                     say: Callable[[str], None],
+                     cancel: threading.Event | None = None) -> dict[float, float]:
     """The proxy's real idle lifetime at every setting the trials use (not the control's:
     it is chosen later, and is far above the close anyway)."""
     settings = sorted({key.proxy_idle_s for key in keys if not key.control})
@@ -194,7 +206,7 @@ def _proxy_lifetimes(spec: ExperimentSpec, keys: list[TrialKey], *,
     say(f"measuring {spec.proxy}'s real idle lifetime at "
         f"{', '.join(format_seconds(s) for s in settings)} (an upstream that never closes; "
         "about as long as the longest setting) ...")
-    measured = measure_lifetimes(spec.proxy, settings)
+    measured = measure_lifetimes(spec.proxy, settings, cancel=cancel)
     lifetimes = {}
     for setting_s, lifetime in measured.items():
         if lifetime.max_s is None:
@@ -211,11 +223,12 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
               tick: Callable[[str], None] | None = None,
               say: Callable[[str], None] | None = None,
               proxy_lifetime_s: float | None = None,
-              probed: dict[float, ProbeResult] | None = None) -> Trial:
+              probed: dict[float, ProbeResult] | None = None,
+              cancel: threading.Event | None = None) -> Trial:
     """One trial on a running lab; returns it measured, not yet judged (a trial that went
     wrong in the lab raises InvalidTrial, and is recorded as invalid with the cause).
     `probed`: the closes measured so far in this run, by upstream idle value (read and
-    filled)."""
+    filled). `cancel`: set when the run is interrupted (the load then stops)."""
     assert lab.proxy is not None and lab.upstream is not None
     trial = new_trial(spec, key, upstream=_upstream_name(spec))
     if lab.problem() is not None or lab.upstream.idle_s != key.upstream_idle_s:
@@ -255,7 +268,8 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
     mark = lab.proxy.race_mark()
     results = run_locust(
         load_plan(spec, lab.proxy.url, gaps_s, control=key.control), workdir=lab.workdir,
-        on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
+        on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None,
+        cancel=cancel)
     signatures = lab.proxy.race_signatures_since(mark)
     problem = lab.problem()
     return measured_trial(trial, gaps_s=gaps_s, results=results, signatures=signatures,

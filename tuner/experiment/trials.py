@@ -13,12 +13,14 @@ trial of the experiment may be called safe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import statistics
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,19 +129,23 @@ def run_trials(store: ResultsStore, experiment_id: str, plan: TrialPlan, *,
                spec: ExperimentSpec, run_one: Callable[[TrialKey], Trial],
                new: Callable[[TrialKey], Trial], say: Callable[[str], None],
                recorded: Callable[[int, StoredTrial], None] | None = None,
-               parallel: int = 1) -> None:
+               parallel: int = 1, cancel: threading.Event | None = None) -> None:
     """Run every trial left in `plan`, judge it, and store it as soon as it ends. `run_one`
     measures a trial (or raises InvalidTrial); `new` makes the record of a trial before
     anything ran; `recorded` hears of each stored trial with its index in the order.
 
     `parallel` > 1: after the control, up to that many trials run at once (`run_one` must
     then be safe to call from several threads: each call on a lab of its own); judging and
-    storing stay in this thread, one trial at a time, in the order they end."""
+    storing stay in this thread, one trial at a time, in the order they end. Ctrl-C and
+    SIGTERM reach only this thread: on the way out it sets `cancel`, which the trials in
+    the other threads watch, so they stop within a second instead of running out their
+    budgets (the pool waits for them)."""
     started = time.monotonic()
     n_failed_so_far = 0
     control = plan.control
     pending: dict[Future[Trial], tuple[TrialKey, float]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool, \
+            _cancelled_on_exit(cancel):
         for i, key in enumerate(plan.todo):
             elapsed_s = time.monotonic() - started
             eta = (f", ETA {format_seconds(round(elapsed_s / i * (len(plan.todo) - i)))}"
@@ -174,6 +180,17 @@ def run_trials(store: ResultsStore, experiment_id: str, plan: TrialPlan, *,
             control, _ = _record(store, experiment_id, plan, spec, done_key,
                                  _result(done, done_key, new), done_started, control=control,
                                  say=say, recorded=recorded)
+
+
+@contextlib.contextmanager
+def _cancelled_on_exit(cancel: threading.Event | None) -> Iterator[None]:
+    """Set `cancel` when the block ends by an exception (Ctrl-C, SIGTERM, a bug)."""
+    try:
+        yield
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        raise
 
 
 def _result(future: Future[Trial], key: TrialKey, new: Callable[[TrialKey], Trial]) -> Trial:

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.errors import LabError
+from tuner.errors import Cancelled, LabError
 from tuner.lab.lab import get_proxy_class
 from tuner.lab.process import LOOPBACK, pick_free_port
 from tuner.load.bursts import BurstPlan, run_bursts
@@ -133,9 +133,11 @@ class _StampingServer(socketserver.ThreadingTCPServer):
 
 
 def measure_lifetime(proxy: str, proxy_idle_s: float, *,
-                     n_connections: int = N_CONNECTIONS) -> Lifetime:
+                     n_connections: int = N_CONNECTIONS,
+                     cancel: threading.Event | None = None) -> Lifetime:
     """Start `proxy` with `proxy_idle_s` in front of a never-closing upstream, fill its pool
-    with one burst, and time how long each pooled connection stays open."""
+    with one burst, and time how long each pooled connection stays open. `cancel`: stop
+    waiting (Cancelled) when the run is interrupted."""
     server = _StampingServer()
     thread = threading.Thread(target=server.serve_forever, name="tuner-lifetime", daemon=True)
     thread.start()
@@ -152,6 +154,9 @@ def measure_lifetime(proxy: str, proxy_idle_s: float, *,
             done, n_open = server.stamps.lifetimes()
             if done and not n_open:
                 break
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"measuring {proxy}'s idle lifetime stopped: the run was "
+                                "interrupted")
             time.sleep(0.01)
         done, n_open = server.stamps.lifetimes()
         if not done and not n_open:
@@ -167,11 +172,12 @@ def measure_lifetime(proxy: str, proxy_idle_s: float, *,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def measure_lifetimes(proxy: str, settings_s: Iterable[float]) -> dict[float, Lifetime]:
+def measure_lifetimes(proxy: str, settings_s: Iterable[float], *,
+                      cancel: threading.Event | None = None) -> dict[float, Lifetime]:
     """Every setting at once (each with a proxy of its own): the wall time is that of the
     longest setting, not their sum."""
     values = sorted(set(settings_s))
     with ThreadPoolExecutor(max_workers=max(1, len(values))) as pool:
-        results = pool.map(lambda s: measure_lifetime(proxy, s), values)
+        results = pool.map(lambda s: measure_lifetime(proxy, s, cancel=cancel), values)
         return dict(zip(values, results, strict=True))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tuner.analysis.stopping import StopRule
-from tuner.errors import ConfigError, LoadError
+from tuner.errors import Cancelled, ConfigError, LoadError
 from tuner.lab.process import LOOPBACK, ManagedProcess, held_signals, pick_free_port
 from tuner.load.methods import parse_method_mix
 
@@ -95,8 +96,11 @@ def locust_argv(plan: LocustPlan, *, results_path: Path, master_port: int = 5557
 
 
 def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
-               on_tick: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """Run one bounded Locust load; return its results document."""
+               on_tick: Callable[[float], None] | None = None,
+               cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Run one bounded Locust load; return its results document. `cancel`: set by the main
+    thread when the run is interrupted; Locust is then stopped within a quarter second
+    (a load in a worker thread never sees Ctrl-C itself)."""
     if importlib.util.find_spec("locust") is None:
         raise LoadError(f"Locust is not installed in this Python ({sys.executable}); install "
                         "it with `pip install locust` (or `pip install -e .`)")
@@ -113,6 +117,9 @@ def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
             if time.monotonic() > deadline:
                 raise LoadError(f"Locust did not stop within {plan.max_seconds:g}s + "
                                 f"{STARTUP_AND_STOP_S:g}s; its log: {process.stderr_path}")
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"the load on {plan.host_url} was stopped: the run was "
+                                "interrupted")
             if on_tick is not None:
                 on_tick(time.monotonic() - started)
             time.sleep(0.25)

@@ -1,0 +1,79 @@
+"""Benchmark: how often a burst catches the race, by burst size and sweep.
+
+nginx keeps idle connections past Node's real close (nginx `--proxy-idle`, Node closing at
+about T): every reused request that lands in the few-millisecond window races. For each
+burst size (and sweep), a fixed number of reused bursts at gaps straddling the measured
+close, no stopping rule; printed per run: races per reused request and the burst's spread.
+The sizes run interleaved, `--runs` times each, so a drift of the machine hits them alike.
+A verdict's cost is counted in bursts (one idle period each), so the size that keeps the
+rate while holding more connections decides how fast a safe verdict can come.
+
+    .venv/bin/python bench/burst_size_race.py [--t 2] [--sizes 30,60,100,150]
+        [--sweeps bursts] [--reused-bursts 4] [--runs 3] [--steps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from tuner.analysis.stopping import StopRule, n_race_failures
+from tuner.lab import Lab, get_upstream
+from tuner.load.bursts import straddling_gaps
+from tuner.load.locust_runner import LocustPlan, run_locust
+from tuner.probe import parse_target, probe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--t", type=float, default=2.0, help="Node's real close, seconds")
+    parser.add_argument("--sizes", default="30,60,100,150", help="burst sizes")
+    parser.add_argument("--sweeps", default="bursts", help="bursts, groups, or both")
+    parser.add_argument("--reused-bursts", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=7, help="gaps in the +-9 ms sweep")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    sweeps = args.sweeps.split(",")
+    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=args.t + 1.0,
+             upstream_idle_s=args.t - 1.0) as lab:
+        assert lab.proxy is not None and lab.upstream is not None
+        measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=5,
+                         max_idle_s=3 * args.t + 5)
+        close_s = measured.effective_close_s
+        assert close_s is not None, "Node never closed"
+        gaps_s = straddling_gaps(close_s, below_s=0.009, above_s=0.009, n_steps=args.steps)
+        print(f"Node closes at {close_s:.4f} s; gaps {gaps_s[0]:.3f}-{gaps_s[-1]:.3f} s")
+        print(f"{'sweep':>6} {'size':>5} {'run':>3} {'reused':>6} {'races':>5} {'rate %':>6} "
+              f"{'spread med/p95 ms':>17}")
+        totals: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for run in range(args.runs):
+            for sweep in sweeps:
+                for size in sizes:
+                    plan = LocustPlan(host_url=lab.proxy.url, gaps_s=gaps_s, burst_size=size,
+                                      sweep=sweep, max_seconds=(args.reused_bursts + 2) * args.t
+                                      + 20, max_requests=size * (args.reused_bursts + 1),
+                                      stop=StopRule(unsafe_after_failures=0,
+                                                    safe_after_requests=0))
+                    results = run_locust(plan, workdir=lab.workdir)
+                    counts = results.get("counts", {})
+                    races = n_race_failures(counts)
+                    reused = int(results.get("n_reused", 0))
+                    spreads = [float(x) for x in results.get("burst_spread_ms", [])]
+                    spread = (f"{statistics.median(spreads):.1f}/"
+                              f"{sorted(spreads)[int(0.95 * (len(spreads) - 1))]:.1f}"
+                              if spreads else "-")
+                    totals.setdefault((sweep, size), []).append((races, reused))
+                    print(f"{sweep:>6} {size:>5} {run:>3} {reused:>6} {races:>5} "
+                          f"{100 * races / max(1, reused):>6.1f} {spread:>17}", flush=True)
+        print("\ntotal: sweep size races/reused (rate %, per run)")
+        for (sweep, size), runs in totals.items():
+            races, reused = sum(r for r, _ in runs), sum(n for _, n in runs)
+            per_run = ", ".join(f"{r}/{n}" for r, n in runs)
+            print(f"{sweep:>6} {size:>5} {races}/{reused} ({100 * races / max(1, reused):.1f} %; "
+                  f"{per_run})")
+
+
+if __name__ == "__main__":
+    main()
