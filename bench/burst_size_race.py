@@ -9,12 +9,13 @@ A verdict's cost is counted in bursts (one idle period each), so the size that k
 rate while holding more connections decides how fast a safe verdict can come.
 
     .venv/bin/python bench/burst_size_race.py [--t 2] [--sizes 30,60,100,150]
-        [--sweeps bursts] [--reused-bursts 4] [--runs 3] [--steps 7]
+        [--sweeps bursts] [--reused-bursts 4] [--runs 3] [--steps 7] [--windows 9:9,12:1]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 
 from tuner.analysis.stopping import StopRule, n_race_failures
@@ -32,7 +33,10 @@ def main() -> None:
     parser.add_argument("--sweeps", default="bursts", help="bursts, groups, or both")
     parser.add_argument("--reused-bursts", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=7, help="gaps in the +-9 ms sweep")
+    parser.add_argument("--steps", type=int, default=7, help="gaps in the sweep")
+    parser.add_argument("--windows", default="9:9",
+                        help="ms below:above the measured close the sweep spans; several, "
+                             "comma-separated, are compared (e.g. 9:9,12:1)")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     sweeps = args.sweeps.split(",")
@@ -43,36 +47,44 @@ def main() -> None:
                          max_idle_s=3 * args.t + 5)
         close_s = measured.effective_close_s
         assert close_s is not None, "Node never closed"
-        gaps_s = straddling_gaps(close_s, below_s=0.009, above_s=0.009, n_steps=args.steps)
-        print(f"Node closes at {close_s:.4f} s; gaps {gaps_s[0]:.3f}-{gaps_s[-1]:.3f} s")
-        print(f"{'sweep':>6} {'size':>5} {'run':>3} {'reused':>6} {'races':>5} {'rate %':>6} "
-              f"{'spread med/p95 ms':>17}")
-        totals: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        windows = [tuple(float(x) / 1000 for x in w.split(":"))
+                   for w in args.windows.split(",")]
+        print(f"Node closes at {close_s:.4f} s")
+        print(f"{'window':>7} {'sweep':>6} {'size':>5} {'run':>3} {'reused':>6} {'races':>5} "
+              f"{'rate %':>6} {'spread med/p95 ms':>17}  races by gap (ms from the close)")
+        totals: dict[tuple[str, str, int], list[tuple[int, int]]] = {}
         for run in range(args.runs):
-            for sweep in sweeps:
-                for size in sizes:
-                    plan = LocustPlan(host_url=lab.proxy.url, gaps_s=gaps_s, burst_size=size,
-                                      sweep=sweep, max_seconds=(args.reused_bursts + 2) * args.t
-                                      + 20, max_requests=size * (args.reused_bursts + 1),
-                                      stop=StopRule(unsafe_after_failures=0,
-                                                    safe_after_requests=0))
-                    results = run_locust(plan, workdir=lab.workdir)
-                    counts = results.get("counts", {})
-                    races = n_race_failures(counts)
-                    reused = int(results.get("n_reused", 0))
-                    spreads = [float(x) for x in results.get("burst_spread_ms", [])]
-                    spread = (f"{statistics.median(spreads):.1f}/"
-                              f"{sorted(spreads)[int(0.95 * (len(spreads) - 1))]:.1f}"
-                              if spreads else "-")
-                    totals.setdefault((sweep, size), []).append((races, reused))
-                    print(f"{sweep:>6} {size:>5} {run:>3} {reused:>6} {races:>5} "
-                          f"{100 * races / max(1, reused):>6.1f} {spread:>17}", flush=True)
-        print("\ntotal: sweep size races/reused (rate %, per run)")
-        for (sweep, size), runs in totals.items():
+            for (below_s, above_s), sweep, size in itertools.product(windows, sweeps, sizes):
+                gaps_s = straddling_gaps(close_s, below_s=below_s, above_s=above_s,
+                                         n_steps=args.steps)
+                window = f"{below_s * 1000:g}:{above_s * 1000:g}"
+                plan = LocustPlan(host_url=lab.proxy.url, gaps_s=gaps_s, burst_size=size,
+                                  sweep=sweep, max_seconds=(args.reused_bursts + 2) * args.t
+                                  + 20, max_requests=size * (args.reused_bursts + 1),
+                                  stop=StopRule(unsafe_after_failures=0,
+                                                safe_after_requests=0))
+                results = run_locust(plan, workdir=lab.workdir)
+                counts = results.get("counts", {})
+                races = n_race_failures(counts)
+                reused = int(results.get("n_reused", 0))
+                spreads = [float(x) for x in results.get("burst_spread_ms", [])]
+                spread = (f"{statistics.median(spreads):.1f}/"
+                          f"{sorted(spreads)[int(0.95 * (len(spreads) - 1))]:.1f}"
+                          if spreads else "-")
+                totals.setdefault((window, sweep, size), []).append((races, reused))
+                by_gap = " ".join(
+                    f"{(float(gap) - close_s) * 1000:+.1f}:{n_race_failures(c)}"
+                    for gap, c in sorted(results.get("by_gap", {}).items())
+                    if gap not in ("first", "steady"))
+                print(f"{window:>7} {sweep:>6} {size:>5} {run:>3} {reused:>6} {races:>5} "
+                      f"{100 * races / max(1, reused):>6.1f} {spread:>17}  {by_gap}",
+                      flush=True)
+        print("\ntotal: window sweep size races/reused (rate %, per run)")
+        for (window, sweep, size), runs in totals.items():
             races, reused = sum(r for r, _ in runs), sum(n for _, n in runs)
             per_run = ", ".join(f"{r}/{n}" for r, n in runs)
-            print(f"{sweep:>6} {size:>5} {races}/{reused} ({100 * races / max(1, reused):.1f} %; "
-                  f"{per_run})")
+            rate = 100 * races / max(1, reused)
+            print(f"{window:>7} {sweep:>6} {size:>5} {races}/{reused} ({rate:.1f} %; {per_run})")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_default_budget_follows_the_close() -> None:
 def test_a_budget_too_small_for_any_verdict_is_refused_up_front() -> None:
     spec = parse_spec({"upstream_idle": "19s", "max_seconds": "20s"})
     with pytest.raises(ConfigError, match=r"max_seconds 20s cannot reach any verdict.*at "
-                                          r"least 26s; give max_seconds 206s or more"):
+                                          r"least 26s; give max_seconds 66s or more"):
         check_grid(spec)
     check_grid(parse_spec({"upstream_idle": "19s"}))  # the default follows the close
     with pytest.raises(ConfigError, match="max_requests 50 cannot reach any verdict"):
@@ -40,3 +40,36 @@ def test_a_budget_too_small_for_any_verdict_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match="burst_size 5 is below the 7 gaps"):
         check_grid(parse_spec({"burst_size": 5, "sweep": "groups"}))
     check_grid(parse_spec({"burst_size": 5}))  # one gap per burst: any burst covers it
+
+
+def test_the_load_holds_more_connections_when_periods_are_long() -> None:
+    from tuner.analysis.budget import LoadShape, load_shape
+
+    assert load_shape(2.0) == LoadShape(burst_size=30, gap_steps=7)
+    assert load_shape(9.99) == LoadShape(burst_size=30, gap_steps=7)
+    assert load_shape(10.0) == LoadShape(burst_size=100, gap_steps=3)
+    # what the user gave wins, each value on its own
+    assert load_shape(20.0, burst_size=30) == LoadShape(burst_size=30, gap_steps=3)
+    assert load_shape(2.0, gap_steps=5) == LoadShape(burst_size=30, gap_steps=5)
+    rule = StopRule()
+    # a safe verdict: 10 reused bursts at a short close, 3 at a long one
+    assert safe_bursts(burst_size=30, n_gaps=7, sweep="bursts", rule=rule) == 10
+    assert safe_bursts(burst_size=100, n_gaps=3, sweep="bursts", rule=rule) == 3
+    # the trial's gaps, budget and plan agree on the shape
+    from tuner.experiment.trials import gaps_for, load_plan, trial_budget
+
+    spec = parse_spec({"upstream_idle": "19s"})
+    gaps = gaps_for(spec, 20.001, max_idle_s=62)
+    # from 9 ms below the close to the close: no burst is spent past it
+    assert gaps == [19.992, 19.9965, 20.001]
+    budget = trial_budget(spec, gaps, 20.001)
+    assert budget is not None and budget.n_safe_bursts == 3
+    assert load_plan(spec, "http://127.0.0.1:1", gaps, close_s=20.001).burst_size == 100
+    short = gaps_for(spec, 2.0, max_idle_s=10)
+    assert short == [1.991, 1.9925, 1.994, 1.9955, 1.997, 1.9985, 2.0]
+    assert load_plan(spec, "http://127.0.0.1:1", short, close_s=2.0).burst_size == 30
+    # a half width the user gave sweeps both sides; the shape still follows the close
+    symmetric = parse_spec({"upstream_idle": "9s", "gap_half_width": "9ms"})
+    gaps = gaps_for(symmetric, 9.995, max_idle_s=32)
+    assert len(gaps) == 7 and gaps[0] == 9.986 and gaps[-1] == 10.004
+    assert load_plan(symmetric, "http://127.0.0.1:1", gaps, close_s=9.995).burst_size == 30

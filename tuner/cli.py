@@ -259,12 +259,16 @@ def _add_experiment(commands: _Commands) -> None:
                             help="bursts (default): one gap per burst; groups: every burst "
                                  "tries every gap, one group of users per gap")
     experiment.add_argument("--methods", metavar="MIX", help="e.g. POST or POST:3,GET:1")
-    experiment.add_argument("--burst-size", type=int, metavar="N")
+    experiment.add_argument("--burst-size", type=int, metavar="N",
+                            help="users per burst (default: 30; 100 when the upstream closes "
+                                 "at 10 s or later, with 3 gaps instead of 7: a safe verdict "
+                                 "then needs 3 reused bursts, not 10)")
     experiment.add_argument("--workers", type=int, metavar="N",
                             help="Locust workers (master/worker mode); 0: one process")
     experiment.add_argument("--parallel", type=int, metavar="K",
                             help="run K cells side by side after the control, each on a lab "
-                                 "of its own (default 1)")
+                                 "of its own (default 1; 2 suits 2 cores at long closes; "
+                                 "Ctrl-C stops every running cell at once)")
     experiment.add_argument("--seed", type=int, metavar="N")
     experiment.add_argument("--no-control", dest="control", action="store_false",
                             default=None,

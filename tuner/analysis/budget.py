@@ -11,6 +11,12 @@ default follows T:
   tries every gap, so ceil(safe_after / burst_size) reused bursts (2 at 150 users); with one
   gap per burst, at least one burst per gap.
 The trial stops at its verdict, so the budget is a cap, not the expected time.
+
+The load's shape follows T too (`load_shape`): below `LONG_CLOSE_S` periods are cheap and
+the lab's verdicts were all measured with 30 users and 7 gaps; from it on, a burst of 100
+users over 3 gaps 4.5 ms apart (less than one burst's own spread: they leave no hole) makes
+a safe verdict cost 3 reused bursts instead of 10 (measured at T = 20 s: the done-when grid
+in 104 s instead of 264 s, every verdict right; bench/burst_size_race.py for the race rates).
 """
 
 from __future__ import annotations
@@ -28,6 +34,43 @@ UNSAFE_PERIODS = 3
 #: never less than this: at short closes periods are cheap, and more bursts are more chances
 #: (the lab's earlier fixed default; a 15 s budget at a 2 s close left unsafe cells uncaught)
 MIN_BUDGET_S = 40.0
+
+
+#: from this close on, a period costs enough to hold more connections per burst
+LONG_CLOSE_S = 10.0
+SHORT_BURST, SHORT_GAP_STEPS = 30, 7
+LONG_BURST, LONG_GAP_STEPS = 100, 3
+
+
+#: where the gaps sweep: from 9 ms below the measured close to the close. Bursts race at
+#: gaps from about 9 ms below the close to it, and (nearly) never above it: the burst's own
+#: spread carries its later requests past the close, and past it the proxy has seen the FIN
+#: and opens fresh connections. Measured (bench/burst_size_race.py, nginx -> Node closing at
+#: 2.0 s, 3 runs each): 30 users, 7 gaps, one cycle: 88 races in 630 reused requests over
+#: -9..0 ms (25-34 a run) against 31 over -9..+9 ms (2-21 a run; 5 above the close, in one);
+#: 100 users, 3 gaps: 65 in 900 (8, 9 and 48 a run) over -9..0 ms
+GAP_BELOW_S, GAP_ABOVE_S = 0.009, 0.0
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    burst_size: int
+    gap_steps: int
+    gap_below_s: float = GAP_BELOW_S
+    gap_above_s: float = GAP_ABOVE_S
+
+
+def load_shape(close_s: float, *, burst_size: int | None = None,
+               gap_steps: int | None = None,
+               gap_half_width_s: float | None = None) -> LoadShape:
+    """Users per burst, gaps per sweep and the sweep's span at this close; a value the
+    user gave wins (a half width sweeps symmetrically around the close)."""
+    long = close_s >= LONG_CLOSE_S
+    below_s, above_s = ((GAP_BELOW_S, GAP_ABOVE_S) if gap_half_width_s is None
+                        else (gap_half_width_s, gap_half_width_s))
+    return LoadShape(burst_size or (LONG_BURST if long else SHORT_BURST),
+                     gap_steps or (LONG_GAP_STEPS if long else SHORT_GAP_STEPS),
+                     below_s, above_s)
 
 
 @dataclass(frozen=True)

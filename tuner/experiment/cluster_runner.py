@@ -315,7 +315,8 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
     except InvalidTrial as exc:
         raise InvalidTrial(str(exc), trial) from None
     results = run_locust(
-        load_plan(spec, target.service_url, gaps_s, control=key.control), workdir=workdir,
+        load_plan(spec, target.service_url, gaps_s, close_s=close_s, control=key.control),
+        workdir=workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
     statuses, problem = [], None
     for url, mark in marks.items():

@@ -81,16 +81,19 @@ def check_grid(spec: ExperimentSpec) -> None:
             check_budget(spec, idle_s)
         except ConfigError as exc:
             raise ConfigError(f"upstream_idle {format_seconds(idle_s)}: {exc}") from None
-    n_gaps = len(spec.gaps_s) if spec.gaps_s is not None else spec.gap_steps
-    if spec.sweep == "groups" and spec.burst_size < n_gaps:
-        raise ConfigError(f"burst_size {spec.burst_size} is below the {n_gaps} gaps of the "
-                          f"sweep: every gap needs a group of at least one user; give "
-                          f"burst_size {n_gaps} or more")
-    if spec.max_requests and spec.max_requests < 2 * spec.burst_size:
-        raise ConfigError(f"max_requests {spec.max_requests} cannot reach any verdict: the "
-                          f"first burst ({spec.burst_size}) opens the connections and only "
-                          f"the next one can race; give max_requests {2 * spec.burst_size} "
-                          "or more (0: no limit)")
+        # checked at the setting; a close at or past 10 s (Node: setting + 1 s) takes the
+        # larger shape of tuner.analysis.budget.load_shape
+        shape = spec.shape(idle_s)
+        n_gaps = len(spec.gaps_s) if spec.gaps_s is not None else shape.gap_steps
+        if spec.sweep == "groups" and shape.burst_size < n_gaps:
+            raise ConfigError(f"burst_size {shape.burst_size} is below the {n_gaps} gaps of "
+                              f"the sweep: every gap needs a group of at least one user; give "
+                              f"burst_size {n_gaps} or more")
+        if spec.max_requests and spec.max_requests < 2 * shape.burst_size:
+            raise ConfigError(f"max_requests {spec.max_requests} cannot reach any verdict: "
+                              f"the first burst ({shape.burst_size}) opens the connections "
+                              f"and only the next one can race; give max_requests "
+                              f"{2 * shape.burst_size} or more (0: no limit)")
 
 
 def _program_version(argv: list[str]) -> str:
@@ -260,14 +263,15 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
     except (InvalidTrial, ConfigError) as exc:
         raise InvalidTrial(str(exc), trial) from None
     if say is not None:
-        budget = trial_budget(spec, gaps_s)
+        budget = trial_budget(spec, gaps_s, close_s)
         seconds = budget.max_seconds if budget is not None else (spec.max_seconds or 0)
         eta = time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
         say(f"    load budget {budget.describe() if budget else f'{seconds:g} s (max_seconds)'}"
             f"; at the latest by {eta}")
     mark = lab.proxy.race_mark()
     results = run_locust(
-        load_plan(spec, lab.proxy.url, gaps_s, control=key.control), workdir=lab.workdir,
+        load_plan(spec, lab.proxy.url, gaps_s, close_s=close_s, control=key.control),
+        workdir=lab.workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None,
         cancel=cancel)
     signatures = lab.proxy.race_signatures_since(mark)

@@ -9,11 +9,11 @@
     max_seconds: 3m                 # per-trial budget; default: from the close (analysis/budget)
     max_requests: 0                 # per-trial budget, 0: none
     gaps: around_close              # or a list of durations: [1.99s, 2s, 2.01s]
-    gap_half_width: 9ms             # around_close: sweep the measured close +- this
-    gap_steps: 7
+    gap_half_width: 9ms             # sweep the close +- this (default: 9 ms below it to it)
+    gap_steps: 7                    # default: 7, or 3 from a 10 s close
     sweep: bursts                   # one gap per burst; groups: every burst tries every gap
     methods: POST                   # or POST:3,GET:1
-    burst_size: 30                  # 150 with sweep: groups reaches a verdict in 1-2 periods
+    burst_size: 30                  # default: 30, or 100 from a 10 s close (fewer periods)
     workers: 0                      # 0: one Locust process; N: Locust master + N workers
     parallel: 1                     # cells run side by side after the control, a lab each
     seed: 1
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.analysis.budget import LoadShape, load_shape
 from tuner.analysis.stopping import StopRule
 from tuner.durations import duration_field
 from tuner.errors import ConfigError, TunerError
@@ -65,16 +66,20 @@ class ExperimentSpec:
     max_requests: int = 0
     #: None: sweep around each trial's measured close; else these gaps, cycled
     gaps_s: tuple[float, ...] | None = None
-    gap_half_width_s: float = 0.009
-    gap_steps: int = 7
+    #: None: sweep from 9 ms below the close to the close (tuner.analysis.budget); a value:
+    #: the close +- this
+    gap_half_width_s: float | None = None
+    #: None: from the close (tuner.analysis.budget.load_shape: 7, or 3 from a 10 s close)
+    gap_steps: int | None = None
     #: "bursts": one gap per burst; "groups": every burst tries every gap
     #: (tuner.load.conduct). Not yet the default: in short runs here the groups sweep with
     #: 150 users caught fewer races (README, "Production timeouts")
     sweep: str = "bursts"
     methods: str = "POST"
-    #: 30: the load every verdict of the lab was measured with. 150 (with sweep "groups")
-    #: reaches a safe verdict (300 reused requests) after two reused bursts
-    burst_size: int = 30
+    #: None: from the close (tuner.analysis.budget.load_shape): 30, the load every verdict
+    #: of the lab was measured with, or 100 from a 10 s close (a safe verdict after 3
+    #: reused bursts instead of 10)
+    burst_size: int | None = None
     workers: int = 0
     #: trials run at once after the control, each on a lab of its own (local target)
     parallel: int = 1
@@ -103,6 +108,11 @@ class ExperimentSpec:
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+    def shape(self, close_s: float) -> LoadShape:
+        """The burst size and gap steps of a trial whose upstream closes at `close_s`."""
+        return load_shape(close_s, burst_size=self.burst_size, gap_steps=self.gap_steps,
+                          gap_half_width_s=self.gap_half_width_s)
 
     def cells(self) -> list[tuple[float, float]]:
         return [(p, u) for p in self.proxy_idle_s for u in self.upstream_idle_s]

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.analysis.budget import Budget, default_budget, least_budget_s
+from tuner.analysis.budget import Budget, LoadShape, default_budget, least_budget_s
 from tuner.analysis.judge import Control, judge_trial, n_in_window, p95
 from tuner.analysis.signatures import n_races
 from tuner.durations import format_seconds
@@ -237,8 +237,15 @@ def gaps_for(spec: ExperimentSpec, close_s: float | None, *, max_idle_s: float
         raise InvalidTrial(f"the upstream kept idle connections open for "
                            f"{format_seconds(max_idle_s)}: no close to straddle; give the "
                            "spec a list of gaps")
-    return straddling_gaps(close_s, below_s=spec.gap_half_width_s,
-                           above_s=spec.gap_half_width_s, n_steps=spec.gap_steps)
+    shape = spec.shape(close_s)
+    return straddling_gaps(close_s, below_s=shape.gap_below_s, above_s=shape.gap_above_s,
+                           n_steps=shape.gap_steps)
+
+
+def shape_of(spec: ExperimentSpec, gaps_s: list[float], close_s: float | None) -> LoadShape:
+    """The load's shape of a trial: decided at the measured close, as gaps_for did (the
+    spec's own gaps without a close: at the largest of them)."""
+    return spec.shape(close_s if close_s is not None else max(gaps_s))
 
 
 def probe_max_idle_s(upstream_idle_s: float) -> float:
@@ -247,11 +254,13 @@ def probe_max_idle_s(upstream_idle_s: float) -> float:
     return max(10.0, 3 * upstream_idle_s + 5)
 
 
-def trial_budget(spec: ExperimentSpec, gaps_s: list[float]) -> Budget | None:
+def trial_budget(spec: ExperimentSpec, gaps_s: list[float], close_s: float | None
+                 ) -> Budget | None:
     """The default load budget of a trial with these gaps (None: the spec sets one)."""
     if spec.max_seconds is not None:
         return None
-    return default_budget(close_s=max(gaps_s), burst_size=spec.burst_size,
+    return default_budget(close_s=max(gaps_s),
+                          burst_size=shape_of(spec, gaps_s, close_s).burst_size,
                           n_gaps=len(gaps_s), sweep=spec.sweep, rule=spec.stop)
 
 
@@ -259,8 +268,9 @@ def check_budget(spec: ExperimentSpec, close_s: float) -> None:
     """Refuse a budget that cannot reach any verdict at this close."""
     least_s = least_budget_s(close_s)
     if spec.max_seconds is not None and spec.max_seconds < least_s:
-        budget = default_budget(close_s=close_s, burst_size=spec.burst_size,
-                                n_gaps=spec.gap_steps, sweep=spec.sweep, rule=spec.stop)
+        shape = spec.shape(close_s)
+        budget = default_budget(close_s=close_s, burst_size=shape.burst_size,
+                                n_gaps=shape.gap_steps, sweep=spec.sweep, rule=spec.stop)
         raise ConfigError(
             f"max_seconds {format_seconds(spec.max_seconds)} cannot reach any verdict with "
             f"an upstream closing at about {close_s:g} s: every burst after the first waits "
@@ -270,16 +280,17 @@ def check_budget(spec: ExperimentSpec, close_s: float) -> None:
 
 
 def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float], *,
-              control: bool = False) -> LocustPlan:
+              close_s: float | None, control: bool = False) -> LocustPlan:
     """The load of one trial. The control never stops as "safe": its one job is to race,
     so it hunts for the whole budget (measured: controls that stopped after two reused
     bursts of 150 users with no race made every safe cell of their experiment
     inconclusive)."""
-    budget = trial_budget(spec, gaps_s)
+    budget = trial_budget(spec, gaps_s, close_s)
     max_seconds = budget.max_seconds if budget is not None else spec.max_seconds
     assert max_seconds is not None
     stop = dataclasses.replace(spec.stop, safe_after_requests=0) if control else spec.stop
-    return LocustPlan(host_url=url, gaps_s=gaps_s, burst_size=spec.burst_size,
+    return LocustPlan(host_url=url, gaps_s=gaps_s,
+                      burst_size=shape_of(spec, gaps_s, close_s).burst_size,
                       methods=spec.methods, max_seconds=max_seconds, sweep=spec.sweep,
                       max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
                       stop=stop, loosen_ms=spec.loosen_ms)
