@@ -154,7 +154,7 @@ class SidecarState:
                 "signatures": dict(self.signatures)}
 
     def describe_error(self) -> str | None:
-        """Both problems, the source's first (the caller holds the lock)."""
+        """Every problem, the source's first (the caller holds the lock)."""
         return "; ".join(error for error in (self.source_error, self.log_error, self.error)
                          if error) or None
 

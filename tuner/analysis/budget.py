@@ -15,8 +15,9 @@ The trial stops at its verdict, so the budget is a cap, not the expected time.
 The load's shape follows T too (`load_shape`): below `LONG_CLOSE_S` periods are cheap and
 the lab's verdicts were all measured with 30 users and 7 gaps; from it on, a burst of 100
 users over 3 gaps 4.5 ms apart (less than one burst's own spread: they leave no hole) makes
-a safe verdict cost 3 reused bursts instead of 10 (measured at T = 20 s: the done-when grid
-in 104 s instead of 264 s, every verdict right; bench/burst_size_race.py for the race rates).
+a safe verdict cost 3 reused bursts instead of 10 (measured at T = 20 s, no flags: the grid
+{10 s, 25 s} with its control in 166 s instead of 372 s, every verdict right;
+bench/burst_size_race.py gives the race rates).
 """
 
 from __future__ import annotations

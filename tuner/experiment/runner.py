@@ -163,7 +163,8 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
                 # the lifetimes wait about the longest setting: beside the control's probe
                 # and load, which do not need them, rather than before them
                 measuring = labs.enter_context(ThreadPoolExecutor(max_workers=1))
-                labs.callback(cancel.set)  # runs first on the way out: stop the waiting
+                # on the way out, before the pool waits for the measuring: stop it
+                labs.callback(cancel.set)
                 lifetimes_future = measuring.submit(_proxy_lifetimes, spec, plan.todo,
                                                     say=say, cancel=cancel)
                 # one lab per cell running at once, each on its own OS-chosen ports
