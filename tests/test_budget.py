@@ -46,8 +46,8 @@ def test_the_load_holds_more_connections_when_periods_are_long() -> None:
     from tuner.analysis.budget import LoadShape, load_shape
 
     assert load_shape(2.0) == LoadShape(burst_size=30, gap_steps=7)
-    assert load_shape(9.99) == LoadShape(burst_size=30, gap_steps=7)
-    assert load_shape(10.0) == LoadShape(burst_size=100, gap_steps=3)
+    assert load_shape(4.49) == LoadShape(burst_size=30, gap_steps=7)
+    assert load_shape(4.5) == LoadShape(burst_size=100, gap_steps=3)
     # what the user gave wins, each value on its own
     assert load_shape(20.0, burst_size=30) == LoadShape(burst_size=30, gap_steps=3)
     assert load_shape(2.0, gap_steps=5) == LoadShape(burst_size=30, gap_steps=5)
@@ -61,15 +61,16 @@ def test_the_load_holds_more_connections_when_periods_are_long() -> None:
     spec = parse_spec({"upstream_idle": "19s"})
     gaps = gaps_for(spec, 20.001, max_idle_s=62)
     # from 9 ms below the close to the close: no burst is spent past it
-    assert gaps == [19.992, 19.9965, 20.001]
+    # the likeliest to race first: the middle of the span, then the close
+    assert gaps == [19.9965, 20.001, 19.992]
     budget = trial_budget(spec, gaps, 20.001)
     assert budget is not None and budget.n_safe_bursts == 3
     assert load_plan(spec, "http://127.0.0.1:1", gaps, close_s=20.001).burst_size == 100
     short = gaps_for(spec, 2.0, max_idle_s=10)
-    assert short == [1.991, 1.9925, 1.994, 1.9955, 1.997, 1.9985, 2.0]
+    assert short == [1.9955, 1.997, 1.994, 1.9985, 1.9925, 2.0, 1.991]
     assert load_plan(spec, "http://127.0.0.1:1", short, close_s=2.0).burst_size == 30
     # a half width the user gave sweeps both sides; the shape still follows the close
-    symmetric = parse_spec({"upstream_idle": "9s", "gap_half_width": "9ms"})
-    gaps = gaps_for(symmetric, 9.995, max_idle_s=32)
-    assert len(gaps) == 7 and gaps[0] == 9.986 and gaps[-1] == 10.004
-    assert load_plan(symmetric, "http://127.0.0.1:1", gaps, close_s=9.995).burst_size == 30
+    symmetric = parse_spec({"upstream_idle": "3s", "gap_half_width": "9ms"})
+    gaps = gaps_for(symmetric, 4.495, max_idle_s=14)
+    assert len(gaps) == 7 and min(gaps) == 4.486 and max(gaps) == 4.504
+    assert load_plan(symmetric, "http://127.0.0.1:1", gaps, close_s=4.495).burst_size == 30

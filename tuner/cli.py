@@ -261,7 +261,7 @@ def _add_experiment(commands: _Commands) -> None:
     experiment.add_argument("--methods", metavar="MIX", help="e.g. POST or POST:3,GET:1")
     experiment.add_argument("--burst-size", type=int, metavar="N",
                             help="users per burst (default: 30; 100 when the upstream closes "
-                                 "at 10 s or later, with 3 gaps instead of 7: a safe verdict "
+                                 "at 4.5 s or later, with 3 gaps instead of 7: a safe verdict "
                                  "then needs 3 reused bursts, not 10)")
     experiment.add_argument("--workers", type=int, metavar="N",
                             help="Locust workers (master/worker mode); 0: one process")

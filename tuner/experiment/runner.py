@@ -81,7 +81,7 @@ def check_grid(spec: ExperimentSpec) -> None:
             check_budget(spec, idle_s)
         except ConfigError as exc:
             raise ConfigError(f"upstream_idle {format_seconds(idle_s)}: {exc}") from None
-        # checked at the setting; a close at or past 10 s (Node: setting + 1 s) takes the
+        # checked at the setting; a close at or past 4.5 s (Node: setting + 1 s) takes the
         # larger shape of tuner.analysis.budget.load_shape
         shape = spec.shape(idle_s)
         n_gaps = len(spec.gaps_s) if spec.gaps_s is not None else shape.gap_steps

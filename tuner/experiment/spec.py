@@ -10,10 +10,10 @@
     max_requests: 0                 # per-trial budget, 0: none
     gaps: around_close              # or a list of durations: [1.99s, 2s, 2.01s]
     gap_half_width: 9ms             # sweep the close +- this (default: 9 ms below it to it)
-    gap_steps: 7                    # default: 7, or 3 from a 10 s close
+    gap_steps: 7                    # default: 7, or 3 from a 4.5 s close
     sweep: bursts                   # one gap per burst; groups: every burst tries every gap
     methods: POST                   # or POST:3,GET:1
-    burst_size: 30                  # default: 30, or 100 from a 10 s close (fewer periods)
+    burst_size: 30                  # default: 30, or 100 from a 4.5 s close (fewer periods)
     workers: 0                      # 0: one Locust process; N: Locust master + N workers
     parallel: 1                     # cells run side by side after the control, a lab each
     seed: 1
@@ -69,7 +69,7 @@ class ExperimentSpec:
     #: None: sweep from 9 ms below the close to the close (tuner.analysis.budget); a value:
     #: the close +- this
     gap_half_width_s: float | None = None
-    #: None: from the close (tuner.analysis.budget.load_shape: 7, or 3 from a 10 s close)
+    #: None: from the close (tuner.analysis.budget.load_shape: 7, or 3 from a 4.5 s close)
     gap_steps: int | None = None
     #: "bursts": one gap per burst; "groups": every burst tries every gap
     #: (tuner.load.conduct). Not yet the default: in short runs here the groups sweep with
@@ -77,7 +77,7 @@ class ExperimentSpec:
     sweep: str = "bursts"
     methods: str = "POST"
     #: None: from the close (tuner.analysis.budget.load_shape): 30, the load every verdict
-    #: of the lab was measured with, or 100 from a 10 s close (a safe verdict after 3
+    #: of the lab was measured with, or 100 from a 4.5 s close (a safe verdict after 3
     #: reused bursts instead of 10)
     burst_size: int | None = None
     workers: int = 0

@@ -230,7 +230,9 @@ def new_trial(spec: ExperimentSpec, key: TrialKey, *, upstream: str) -> Trial:
 
 def gaps_for(spec: ExperimentSpec, close_s: float | None, *, max_idle_s: float
              ) -> list[float]:
-    """The idle gaps a trial cycles: the spec's, or a sweep around the measured close."""
+    """The idle gaps a trial cycles: the spec's, or a sweep at the measured close, likeliest
+    to race first (the middle of the default span, then nearer the close: races cluster
+    there, so an unsafe cell stops a period or two sooner; the groups sweep sorts them)."""
     if spec.gaps_s is not None:
         return list(spec.gaps_s)
     if close_s is None:
@@ -238,8 +240,10 @@ def gaps_for(spec: ExperimentSpec, close_s: float | None, *, max_idle_s: float
                            f"{format_seconds(max_idle_s)}: no close to straddle; give the "
                            "spec a list of gaps")
     shape = spec.shape(close_s)
-    return straddling_gaps(close_s, below_s=shape.gap_below_s, above_s=shape.gap_above_s,
+    gaps = straddling_gaps(close_s, below_s=shape.gap_below_s, above_s=shape.gap_above_s,
                            n_steps=shape.gap_steps)
+    middle_s = (gaps[0] + gaps[-1]) / 2
+    return sorted(gaps, key=lambda gap_s: (round(abs(gap_s - middle_s), 6), -gap_s))
 
 
 def shape_of(spec: ExperimentSpec, gaps_s: list[float], close_s: float | None) -> LoadShape:
