@@ -3,6 +3,8 @@ reach any verdict refused before anything starts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tuner.analysis.budget import default_budget, least_budget_s, safe_bursts
@@ -74,3 +76,23 @@ def test_the_load_holds_more_connections_when_periods_are_long() -> None:
     gaps = gaps_for(symmetric, 4.495, max_idle_s=14)
     assert len(gaps) == 7 and min(gaps) == 4.486 and max(gaps) == 4.504
     assert load_plan(symmetric, "http://127.0.0.1:1", gaps, close_s=4.495).burst_size == 30
+
+
+def test_every_load_the_close_can_give_is_checked_up_front() -> None:
+    # Node closes a second after its setting: 4 s closes at 5 s, where bursts hold 100 users
+    with pytest.raises(ConfigError, match=r"max_requests 100 .*first burst \(100\).*give "
+                                          r"max_requests 200"):
+        check_grid(parse_spec({"upstream_idle": "4s", "max_requests": 100}))
+    check_grid(parse_spec({"upstream_idle": "4s", "max_requests": 200}))
+    check_grid(parse_spec({"upstream_idle": "2s", "max_requests": 60}))
+
+
+def test_a_cluster_rerun_with_a_newer_image_finds_its_experiment() -> None:
+    from tuner.experiment.cluster_runner import spec_digest
+
+    # the ledger of a Job that ran before the load followed the close stored the digest of
+    # the defaults of then
+    before = dataclasses.replace(parse_spec({}), burst_size=30, gap_steps=7,
+                                 gap_half_width_s=0.009)
+    assert spec_digest(parse_spec({})) == spec_digest(before)
+    assert spec_digest(parse_spec({"burst_size": 100})) != spec_digest(before)

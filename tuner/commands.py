@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -173,14 +174,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     spec = _experiment_spec(args)
     live = not args.json and sys.stderr.isatty()
 
+    # the proxy lifetimes are measured in a thread of their own and say so while the
+    # control's ticker redraws its line: one line at a time
+    lines = threading.Lock()
+
     def say(line: str) -> None:
-        if live:  # first clear the ticker's line
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-        # with --json, stdout holds the one JSON document; progress goes to stderr
-        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+        with lines:
+            if live:  # first clear the ticker's line
+                print("\r\033[K", end="", file=sys.stderr, flush=True)
+            # with --json, stdout holds the one JSON document; progress goes to stderr
+            print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     def tick(line: str) -> None:
-        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        with lines:
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
     start: Callable[[], ExperimentRun]
     errors: tuple[type[TunerError], ...]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuner import __version__
+from tuner.analysis.budget import LoadShape
 from tuner.durations import format_seconds
 from tuner.errors import ConfigError, ProbeError
 from tuner.experiment.spec import ExperimentSpec
@@ -81,19 +82,23 @@ def check_grid(spec: ExperimentSpec) -> None:
             check_budget(spec, idle_s)
         except ConfigError as exc:
             raise ConfigError(f"upstream_idle {format_seconds(idle_s)}: {exc}") from None
-        # checked at the setting; a close at or past 4.5 s (Node: setting + 1 s) takes the
-        # larger shape of tuner.analysis.budget.load_shape
-        shape = spec.shape(idle_s)
-        n_gaps = len(spec.gaps_s) if spec.gaps_s is not None else shape.gap_steps
-        if spec.sweep == "groups" and shape.burst_size < n_gaps:
-            raise ConfigError(f"burst_size {shape.burst_size} is below the {n_gaps} gaps of "
-                              f"the sweep: every gap needs a group of at least one user; give "
-                              f"burst_size {n_gaps} or more")
-        if spec.max_requests and spec.max_requests < 2 * shape.burst_size:
-            raise ConfigError(f"max_requests {spec.max_requests} cannot reach any verdict: "
-                              f"the first burst ({shape.burst_size}) opens the connections "
-                              f"and only the next one can race; give max_requests "
-                              f"{2 * shape.burst_size} or more (0: no limit)")
+        # the load's shape follows the measured close, at the setting or (Node) a second
+        # past it: every shape it can take must reach a verdict
+        for shape in {spec.shape(idle_s), spec.shape(idle_s + 1.0)}:
+            _check_shape(spec, shape)
+
+
+def _check_shape(spec: ExperimentSpec, shape: LoadShape) -> None:
+    n_gaps = len(spec.gaps_s) if spec.gaps_s is not None else shape.gap_steps
+    if spec.sweep == "groups" and shape.burst_size < n_gaps:
+        raise ConfigError(f"burst_size {shape.burst_size} is below the {n_gaps} gaps of the "
+                          f"sweep: every gap needs a group of at least one user; give "
+                          f"burst_size {n_gaps} or more")
+    if spec.max_requests and spec.max_requests < 2 * shape.burst_size:
+        raise ConfigError(f"max_requests {spec.max_requests} cannot reach any verdict: the "
+                          f"first burst ({shape.burst_size}) opens the connections and only "
+                          f"the next one can race; give max_requests {2 * shape.burst_size} "
+                          "or more (0: no limit)")
 
 
 def _program_version(argv: list[str]) -> str:
@@ -261,6 +266,7 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
     try:
         gaps_s = gaps_for(spec, close_s, max_idle_s=max_idle_s)
         check_budget(spec, max(gaps_s))
+        plan = load_plan(spec, lab.proxy.url, gaps_s, close_s=close_s, control=key.control)
     except (InvalidTrial, ConfigError) as exc:
         raise InvalidTrial(str(exc), trial) from None
     if say is not None:
@@ -271,8 +277,7 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
             f"; at the latest by {eta}")
     mark = lab.proxy.race_mark()
     results = run_locust(
-        load_plan(spec, lab.proxy.url, gaps_s, close_s=close_s, control=key.control),
-        workdir=lab.workdir,
+        plan, workdir=lab.workdir,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None,
         cancel=cancel)
     signatures = lab.proxy.race_signatures_since(mark)
