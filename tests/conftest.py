@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,12 @@ from .real_cluster import RealCluster, real_cluster
 # The properties are what the tests check, not their speed.
 settings.register_profile("shared-cores", deadline=None)
 settings.load_profile("shared-cores")
+
+# A test run started in the background of a non-interactive shell (`make test &`, a CI
+# runner's script) inherits SIGINT ignored, and so would every tuner it starts: the Ctrl-C
+# tests' SIGINT then did nothing (seen here: a fresh-clone run failed 5 tests so). A handler
+# here is reset to the default in every child at exec, so each child takes Ctrl-C again.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
 
