@@ -27,15 +27,15 @@ from tuner.sidecar import parse_tuning, render_nginx
 from .real_cluster import RealCluster, real_cluster
 
 # Hypothesis fails an example that takes over 200 ms by default: on 2 shared cores, with the
-# suite's nginx, Node and Kubernetes processes beside it, a pure property test's first
-# example took longer (a fresh-clone CI run failed test_loose_bursts_are_never_safe so).
-# The properties are what the tests check, not their speed.
+# suite's nginx, Node and Kubernetes processes beside it, a pure property test's example can
+# take longer. The properties are what the tests check, not their speed.
 settings.register_profile("shared-cores", deadline=None)
 settings.load_profile("shared-cores")
 
 # A test run started in the background of a non-interactive shell (`make test &`, a CI
 # runner's script) inherits SIGINT ignored, and so would every tuner it starts: the Ctrl-C
-# tests' SIGINT then did nothing (seen here: a fresh-clone run failed 5 tests so). A handler
+# tests' SIGINT then did nothing (seen here: a fresh-clone run failed 5 tests so, and a
+# sixth on the pipes of the labs they left running). A handler
 # here is reset to the default in every child at exec, so each child takes Ctrl-C again.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
