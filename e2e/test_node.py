@@ -99,9 +99,10 @@ def _wait(what: str, is_true: Any, *, timeout_s: float) -> None:
         time.sleep(1)
 
 
-@pytest.mark.timeout(1500)  # the cold image import and two trials, with a pod deleted
-def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
-        node: Node, tmp_path: Path) -> None:
+def _deploy_demo(node: Node, **spec_changes: Any) -> dict[str, Any]:
+    """The demo overlay on the node, its spec cut to two trials and changed by
+    `spec_changes` (into its kubernetes: section for keys of that section); returns the
+    Job, not yet applied."""
     rendered = node.kubectl("kustomize", str(ROOT / "manifests" / "overlays" / "demo")).stdout
     objects = [d for d in yaml.safe_load_all(rendered) if d]
     (job,) = [d for d in objects if d["kind"] == "Job"]
@@ -125,9 +126,24 @@ def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
     spec.update(proxy_idle=["1s", "3s"], upstream_idle=["2s"], repeats=1, max_seconds=30,
                 safe_after=160, unsafe_after=3)
     spec["kubernetes"]["service_url"] = f"http://{cluster_ip}/"
+    for key, value in spec_changes.items():
+        (spec["kubernetes"] if key.startswith("worker") else spec)[key] = value
     spec_map["data"]["spec.yaml"] = yaml.safe_dump(spec)
     node.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(spec_map))
+    return dict(job)
 
+
+def _job_done(node: Node) -> bool:
+    status = json.loads(node.kubectl("-n", "tuner-demo", "get", "job", "tuner-experiment",
+                                     "-o", "json").stdout)["status"]
+    assert not status.get("failed", 0) > 1, status
+    return bool(status.get("succeeded"))
+
+
+@pytest.mark.timeout(1500)  # the cold image import and two trials, with a pod deleted
+def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
+        node: Node, tmp_path: Path) -> None:
+    job = _deploy_demo(node)
     started = time.monotonic()
     node.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
     _wait("first trial in the ledger", lambda: "trial-000" in node.configmap("tuner-ledger"),
@@ -140,12 +156,7 @@ def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
     tuning = node.configmap("tuner-tuning")
     assert tuning["upstream-keepalive-timeout"] == "60"  # the baseline, restored
 
-    def job_done() -> bool:
-        status = json.loads(node.kubectl("-n", "tuner-demo", "get", "job", "tuner-experiment",
-                                         "-o", "json").stdout)["status"]
-        assert not status.get("failed", 0) > 1, status
-        return bool(status.get("succeeded"))
-    _wait("the Job complete", job_done, timeout_s=600)
+    _wait("the Job complete", lambda: _job_done(node), timeout_s=600)
     wall_s = time.monotonic() - started
     logs = node.kubectl("-n", "tuner-demo", "logs", "job/tuner-experiment").stdout
     assert "resuming experiment" in logs, logs
@@ -158,3 +169,38 @@ def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
     print(f"Job complete in {wall_s:.0f} s (one pod deleted mid-run); verdicts {verdicts}; "
           f"recommendation {recommendation}\n{logs}")
     assert verdicts == {"safe", "unsafe"}
+
+
+@pytest.mark.timeout(1200)
+def test_the_load_comes_from_worker_pods_on_a_real_node(node: Node) -> None:
+    """`kubernetes.workers: 2`: each trial's load from a Job of two worker pods the runner
+    creates, conducted by its Locust master over the pod network, removed after the load."""
+    job = _deploy_demo(node, workers=2, worker_cpu="500m", worker_memory="256Mi")
+    started = time.monotonic()
+    node.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
+    seen_workers: set[str] = set()
+
+    def done_and_watch() -> bool:  # the worker pods, as they come and go
+        names = node.kubectl("-n", "tuner-demo", "get", "pods", "-l",
+                             "app.kubernetes.io/name=tuner-worker", "-o",
+                             "jsonpath={.items[*].metadata.name}").stdout.split()
+        seen_workers.update(names)
+        return _job_done(node)
+    _wait("the Job complete", done_and_watch, timeout_s=900)
+    wall_s = time.monotonic() - started
+    logs = node.kubectl("-n", "tuner-demo", "logs", "job/tuner-experiment").stdout
+    ledger = node.configmap("tuner-ledger")
+    trials = [json.loads(v) for k, v in ledger.items() if k.startswith("trial-")]
+    print(f"Job with 2 worker pods complete in {wall_s:.0f} s; {len(seen_workers)} worker "
+          f"pods seen; trials {trials}\n{logs}")
+    assert "the load comes from 2 worker pods" in logs, logs
+    assert {t["verdict"] for t in trials} == {"safe", "unsafe"}, trials
+    # every trial's bursts were reported by both worker pods, with their clocks measured
+    assert all(t["n_load_processes"] == 2 for t in trials), trials
+    assert len(seen_workers) >= 2, seen_workers
+    # the last trial's worker Job was deleted when its load ended; its pods follow
+    _wait("the worker pods gone", lambda: not node.kubectl(
+        "-n", "tuner-demo", "get", "pods", "-l", "app.kubernetes.io/name=tuner-worker",
+        "-o", "name").stdout.strip(), timeout_s=60)
+    assert not node.kubectl("-n", "tuner-demo", "get", "jobs", "-o", "name").stdout.count(
+        "tuner-workers")

@@ -62,6 +62,10 @@ RUNNER_MAY = {
     ("get", "deployments.apps", "demo-app"), ("patch", "deployments.apps", "demo-app"),
     ("list", "pods", ""),
 }
+#: with kubernetes.workers only (tuner/kube/workers.py): one Job of worker pods per trial
+WORKER_MAY = {("create", "jobs.batch", ""), ("get", "jobs.batch", "tuner-workers"),
+              ("delete", "jobs.batch", "tuner-workers")}
+RUNNER_MAY |= WORKER_MAY
 SIDECAR_MAY = {("get", "configmaps", "tuner-tuning"), ("watch", "configmaps", "tuner-tuning")}
 #: what every authenticated user may do (system:basic-user): asking who one is, and can-i
 SELF_REVIEWS = {"selfsubjectreviews.authentication.k8s.io",

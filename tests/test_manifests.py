@@ -138,7 +138,8 @@ def test_only_the_sidecar_holds_a_token_and_only_the_job_may_call_it(
 def test_the_network_policy_fences_the_sidecar_port(demo: list[dict[str, Any]]) -> None:
     """Only the Job's pods and the monitoring namespace reach the sidecar; the Service's
     port stays open; nothing else is let in."""
-    (policy,) = [d for d in demo if d["kind"] == "NetworkPolicy"]
+    (policy,) = [d for d in demo if d["kind"] == "NetworkPolicy"
+                 and d["metadata"]["name"] == "demo-app"]
     pods = dict(_pod_specs(demo))
     (deployment,) = [d for d in demo if d["kind"] == "Deployment"]
     (job,) = [d for d in demo if d["kind"] == "Job"]

@@ -84,6 +84,11 @@ class Trial:
     gap_error_ms_p95: float | None = None
     #: reused requests sent after an idle time within +-2 ms of the measured close
     n_in_window: int | None = None
+    #: Locust processes that reported the bursts (1 without workers; None: older record)
+    n_load_processes: int | None = None
+    #: per remote worker, its clock's offset from the master's, measured before the first
+    #: burst and corrected for (tuner.load.clocks); empty without remote workers
+    clock_offsets_ms: Mapping[str, float] = field(default_factory=dict)
 
     # -- what the proxy saw ---------------------------------------------------------------
     #: race lines in the proxy's log (or its stats) during the trial: races the proxy hid

@@ -9,8 +9,9 @@ One trial:
   4. ask one sidecar to probe the app beside it: its real idle close, which the gaps
      straddle (Node closes a second after its setting); the control trial then sets the
      proxy's idle timeout well above it, under a generation of its own, and waits again;
-  5. mark every sidecar's error log, run the race-hunting Locust load against the Service,
-     and take the signatures each sidecar counted since its mark;
+  5. mark every sidecar's error log, run the race-hunting Locust load against the Service
+     (with `kubernetes.workers: N`, from N worker pods the runner's Locust master conducts:
+     tuner.kube.workers), and take the signatures each sidecar counted since its mark;
   6. store the trial (results store on a volume) and its summary in the ledger ConfigMap.
 At the end the baseline settings are restored, and the recommendation ConfigMap (plus the
 spec's write_back targets) is written.
@@ -25,9 +26,11 @@ the cut-short run left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import tempfile
@@ -59,8 +62,15 @@ from tuner.kube.apply import ApplyResult, apply_configmaps, connect
 from tuner.kube.cluster import Cluster, sidecar_get, sum_signatures
 from tuner.kube.rollout import pod_fingerprint, sidecar_urls
 from tuner.kube.target import ClusterTarget, cluster_target
+from tuner.kube.workers import RunnerPod, WorkerJob, require_runner_pod, runner_image
 from tuner.lab.process import held_signals
-from tuner.load.locust_runner import run_locust
+from tuner.load.locust_runner import (
+    REMOTE_WORKERS_WAIT_S,
+    STARTUP_AND_STOP_S,
+    LocustPlan,
+    WorkerLauncher,
+    run_locust,
+)
 from tuner.store import ResultsStore, StoredTrial
 from tuner.trial import Trial
 
@@ -102,6 +112,23 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+@dataclass(frozen=True)
+class _Workers:
+    """Worker pods for every trial's load: where their master is, and their image."""
+
+    runner: RunnerPod
+    image: str
+
+    def plan(self, cluster: Cluster, plan: LocustPlan) -> tuple[LocustPlan, WorkerJob]:
+        """`plan` with its users spread over the worker pods, and what starts them."""
+        target = cluster.target
+        remote = dataclasses.replace(plan, remote_workers=target.workers,
+                                     master_bind_host=self.runner.ip)
+        return remote, WorkerJob(
+            cluster.connection, target, self.runner, image=self.image, call=cluster.call,
+            deadline_s=plan.max_seconds + STARTUP_AND_STOP_S + REMOTE_WORKERS_WAIT_S)
+
+
 @dataclass
 class _Deployed:
     """The app setting this run last restarted the Deployment with; None while unknown
@@ -127,10 +154,21 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
                           "on the local lab")
     target = cluster_target(spec.kubernetes, upstream_idle_s=spec.upstream_idle_s,
                             proxy_idle_s=spec.proxy_idle_s)
+    if target.workers and spec.workers:
+        raise ConfigError(f"workers: {spec.workers} (processes beside the runner) and "
+                          f"kubernetes.workers: {target.workers} (pods): choose one")
+    runner = require_runner_pod(target, os.environ)
     connection = connect(kubeconfig=kubeconfig, context=context)
     cluster = Cluster(connection, target, say=say, poll_s=poll_s)
     tuning = cluster.read_tuning()
     cluster.check_deployment()
+    workers = None
+    if runner is not None:
+        workers = _Workers(runner, runner_image(cluster.core, runner, host=cluster.host,
+                                                context=cluster.context, call=cluster.call))
+        say(f"the load comes from {target.workers} worker pods (image {workers.image}), "
+            f"conducted by this pod's Locust master at {runner.ip}:"
+            f"{target.worker_master_port}")
     ledger_cm = cluster.read_configmap(target.ledger_configmap, missing_ok=True)
     ledger = dict(ledger_cm.data or {}) if ledger_cm is not None else {}
     keys = (target.proxy_idle_key, target.upstream_idle_key, target.generation_key)
@@ -178,7 +216,7 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
         deployed = _Deployed(None)
         if plan.todo or unfinished:
             _run_with_restore(cluster, spec, store, experiment_id, plan, baseline=baseline,
-                              deployed=deployed, say=say, tick=tick)
+                              deployed=deployed, workers=workers, say=say, tick=tick)
         trials = store.trials(experiment_id)
     run = ClusterRun(experiment_id, db, spec, trials, len(plan.order), notes=notes)
     _write_recommendation(run, cluster, say=say)
@@ -216,8 +254,8 @@ def _baseline(ledger: Mapping[str, str], tuning: Mapping[str, str],
 
 def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStore,
                       experiment_id: str, plan: TrialPlan, *, baseline: Mapping[str, str | None],
-                      deployed: _Deployed, say: Callable[[str], None],
-                      tick: Callable[[str], None] | None) -> None:
+                      deployed: _Deployed, workers: _Workers | None,
+                      say: Callable[[str], None], tick: Callable[[str], None] | None) -> None:
     target = cluster.target
 
     def recorded(index: int, stored: StoredTrial) -> None:
@@ -225,7 +263,9 @@ def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStor
         summary = {"verdict": trial.verdict, "n_requests": trial.n_requests,
                    "n_failed": trial.n_failed, "n_502": trial.n_502,
                    "generation": trial.generation, "invalid_reason": trial.invalid_reason,
-                   "cell": stored.cell, "repeat": stored.repeat, "attempt": stored.attempt}
+                   "cell": stored.cell, "repeat": stored.repeat, "attempt": stored.attempt,
+                   "n_load_processes": trial.n_load_processes,
+                   "clock_offsets_ms": dict(trial.clock_offsets_ms)}
         cluster.patch_data(target.ledger_configmap, {
             f"trial-{index:03d}": json.dumps(summary, sort_keys=True), "updated-at": _now()})
 
@@ -234,7 +274,7 @@ def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStor
         attempt = plan.attempts.get((key.cell, key.repeat), 0)
         return cluster_trial(cluster, spec, key,
                              generation=f"{experiment_id}-{index:03d}-{attempt}",
-                             deployed=deployed, workdir=workdir, tick=tick)
+                             deployed=deployed, workdir=workdir, workers=workers, tick=tick)
 
     finished = False
     stopped_by = "an error"
@@ -273,6 +313,7 @@ def _run_with_restore(cluster: Cluster, spec: ExperimentSpec, store: ResultsStor
 
 def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
                   generation: str, deployed: _Deployed, workdir: Path,
+                  workers: _Workers | None = None,
                   tick: Callable[[str], None] | None = None) -> Trial:
     """One trial in the cluster, measured, not yet judged. A wait that runs out raises
     InvalidTrial (the trial is recorded as failed, with the reason); an API refusal raises
@@ -328,8 +369,14 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
         raise InvalidTrial(str(exc), trial) from exc
     except InvalidTrial as exc:
         raise InvalidTrial(str(exc), trial) from None
+    launcher: WorkerLauncher | None = None
+    master_host = "127.0.0.1"
+    if workers is not None:
+        plan, launcher = workers.plan(cluster, plan)
+        master_host = workers.runner.ip
     results = run_locust(
-        plan, workdir=workdir,
+        plan, workdir=workdir, launcher=launcher, master_host=master_host,
+        master_port=target.worker_master_port if launcher is not None else None,
         on_tick=(lambda s: tick(f"    load running {s:4.0f} s")) if tick else None)
     statuses, problem = [], None
     for url, mark in marks.items():

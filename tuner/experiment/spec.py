@@ -15,6 +15,7 @@
     methods: POST                   # or POST:3,GET:1
     burst_size: 30                  # default: 30, or 100 from a 4.5 s close (fewer periods)
     workers: 0                      # 0: one Locust process; N: Locust master + N workers
+                                    # (processes beside it; kubernetes.workers: pods)
     parallel: 1                     # cells run side by side after the control, a lab each
     seed: 1
     db: results.db
@@ -28,6 +29,7 @@
       namespace: tuner-demo
       service_url: http://demo-app.tuner-demo.svc/
       deployment: demo-app
+      workers: 2                    # the load from 2 Locust worker pods (tuner/kube/workers.py)
 
 Design decision: parsing is pure (a dict in, a frozen `ExperimentSpec` out) and every error
 names the key and the bad value, as `proxy_idle[1]: '10 parsecs' is not a duration`.

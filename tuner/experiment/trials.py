@@ -315,7 +315,10 @@ def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, A
         n_proxy_log_races=n_races(signatures), log_signatures=dict(signatures),
         burst_spread_ms_p95=p95(spreads), gap_error_ms_p95=p95(gap_errors),
         burst_spread_ms_median=statistics.median(spreads) if spreads else None,
-        n_in_window=n_in_window(results.get("idle_ms", {}), trial.upstream_close_s))
+        n_in_window=n_in_window(results.get("idle_ms", {}), trial.upstream_close_s),
+        n_load_processes=int(results["n_processes"]) if "n_processes" in results else None,
+        clock_offsets_ms={worker: float(clock["offset_ms"])
+                          for worker, clock in (results.get("clocks") or {}).items()})
     if problem is not None:
         return trial.with_(invalid_reason=problem)
     if signatures.get("connect_refused", 0):
@@ -338,6 +341,10 @@ def describe_trial(trial: Trial) -> str:
     aim = (f"; bursts written within {trial.burst_spread_ms_median:.1f} ms (median, p95 "
            f"{trial.burst_spread_ms_p95 or 0:.1f} ms), {trial.n_in_window} requests in the "
            "window" if trial.burst_spread_ms_median is not None else "")
+    if trial.clock_offsets_ms:
+        offsets = sorted(trial.clock_offsets_ms.values())
+        aim += (f"; {len(offsets)} workers, clocks {offsets[0]:+.1f} to {offsets[-1]:+.1f} ms "
+                "off the master's (corrected)")
     return (f"{trial.verdict.upper()}: {trial.verdict_text}\n"
             f"    {trial.n_failed} failed of {trial.n_requests} ({trial.n_502} x 502), "
             f"{trial.n_proxy_log_races} race lines in the proxy log; upstream closed idle "

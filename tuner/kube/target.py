@@ -16,6 +16,10 @@
       sidecar_timeout: 3m                   # so does a sidecar that never applies a trial
       api_retry_limit: 2m                   # API server unreachable this long: give up
       sidecar_token_file: /var/run/secrets/tuner/sidecar/token   # sent to /probe, /status
+      workers: 0                            # N: Locust workers as N pods (tuner/kube/workers.py)
+      worker_cpu: "1"                       # each worker pod's limits
+      worker_memory: 512Mi
+      worker_master_port: 5557              # where they reach the runner pod's Locust master
 
 Design decision: only names and limits live here, never a client; the section is stored
 with the spec, so a resumed Job aims at exactly the objects the first one did.
@@ -24,6 +28,7 @@ with the spec, so a resumed Job aims at exactly the objects the first one did.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,6 +64,11 @@ class ClusterTarget:
     #: for audience tuner-sidecar; where there is no such file (outside a pod), the
     #: kubeconfig's bearer token is sent instead
     sidecar_token_file: str = "/var/run/secrets/tuner/sidecar/token"
+    #: Locust workers as pods of their own, per trial (tuner.kube.workers); 0: none
+    workers: int = 0
+    worker_cpu: str = "1"
+    worker_memory: str = "512Mi"
+    worker_master_port: int = 5557
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +89,9 @@ _DURATIONS = {"rollout_timeout": "rollout_timeout_s", "sidecar_timeout": "sideca
 _NAMES = ("deployment", "tuning_configmap", "ledger_configmap", "recommendation_configmap")
 _KEYS = ("proxy_idle_key", "upstream_idle_key", "generation_key")
 _REQUIRED = ("namespace", "service_url", "deployment")
+#: worker pods per trial: beyond this the master's conducting, not the load, is the limit
+MAX_WORKERS = 50
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?")
 
 
 def parse_cluster_target(value: object) -> dict[str, Any]:
@@ -101,10 +114,22 @@ def parse_cluster_target(value: object) -> dict[str, Any]:
         where = f"kubernetes.{key}"
         if key in _DURATIONS:
             result[_DURATIONS[key]] = duration_field(where, item)
-        elif key == "sidecar_port":
+        elif key in ("sidecar_port", "worker_master_port"):
             if isinstance(item, bool) or not isinstance(item, int) or not 0 < item < 65536:
                 raise ConfigError(f"{where}: {item!r} must be a port number (1-65535)")
             result[key] = item
+        elif key == "workers":
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= MAX_WORKERS:
+                raise ConfigError(f"{where}: {item!r} must be a whole number of worker pods, "
+                                  f"0 to {MAX_WORKERS}")
+            result[key] = item
+        elif key in ("worker_cpu", "worker_memory"):
+            text = str(item) if isinstance(item, int | float) and not isinstance(item, bool) \
+                else item
+            if not isinstance(text, str) or not _QUANTITY.fullmatch(text):
+                raise ConfigError(f"{where}: {item!r} is not a Kubernetes quantity (e.g. "
+                                  f"{'500m or 1' if key == 'worker_cpu' else '512Mi'})")
+            result[key] = text
         elif not isinstance(item, str):
             raise ConfigError(f"{where}: {item!r} must be a string")
         elif key == "namespace":

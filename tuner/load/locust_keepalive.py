@@ -10,7 +10,9 @@ starts its idle timers when it answers) and cycle through `--tuner-gaps`.
 Who conducts: in a single process, the process itself. With workers (`--processes N` or
 `--master`/`--worker`), the master: every worker reports when its users' burst is done
 (with its first answer time and its outcome counts), and once all have, the master sends
-every worker the wall-clock time of the next burst.
+every worker the wall-clock time of the next burst. Workers may run on other machines (pods
+on other nodes): before the first burst the master measures each one's clock offset
+(tuner.load.clocks) and from then on speaks to each in its own clock.
 
 Steady mode (`--tuner-mode steady`) sends the same mean request rate with no gaps: each user
 sends one request every mean period, the users' phases spread evenly across it.
@@ -39,6 +41,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from tuner.analysis.outcomes import Outcome, outcome_of_response
 from tuner.analysis.stopping import StopRule
 from tuner.errors import TunerError
+from tuner.load.clocks import ClockSync
 from tuner.load.conduct import (
     STEADY,
     SWEEP_BURSTS,
@@ -55,6 +58,13 @@ from tuner.load.methods import parse_method_mix
 
 _MSG_DONE = "tuner_burst_done"
 _MSG_AT = "tuner_burst_at"
+_MSG_PING = "tuner_clock_ping"
+_MSG_PONG = "tuner_clock_pong"
+#: clock pings per worker before the first burst, this far apart; the master waits at most
+#: CLOCK_SYNC_WAIT_S for every worker's first answer
+CLOCK_PINGS = 8
+CLOCK_PING_EVERY_S = 0.02
+CLOCK_SYNC_WAIT_S = 2.0
 #: how long after its start a burst is reported without a late user: above the user's
 #: connection_timeout + network_timeout (5 + 10 s), so only a request that failed anyway
 #: can miss it (and it is then counted with the next report)
@@ -93,6 +103,13 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--tuner-loosen-ms", type=float, default=0.0,
                        help="TESTS ONLY: delay each user's request by a random 0..N ms, to "
                             "check that a loose burst is measured and never judged safe")
+    group.add_argument("--tuner-clock-sync", choices=("on", "off"), default="on",
+                       help="on: the master measures each worker's clock offset and fires "
+                            "every worker at the same real instant (default); off: it trusts "
+                            "every worker's clock, as before (to measure what skew does)")
+    group.add_argument("--tuner-delay-ms", type=float, default=0.0,
+                       help="TESTS ONLY: this process's clock runs N ms behind (a node whose "
+                            "clock is off): it fires N ms late and stamps its times N ms early")
     group.add_argument("--tuner-results", default="",
                        help="write the outcome counts as JSON to this file at the end")
 
@@ -118,7 +135,10 @@ class _Conductor:
         self.n_groups = n_groups(self.gaps_s, self.sweep)
         self.methods = parse_method_mix(options.tuner_methods, what="--tuner-methods")
         self.results_path = options.tuner_results
-        self.started_at = time.time()
+        self.delay_s = float(options.tuner_delay_ms) / 1000
+        self.clock_sync = options.tuner_clock_sync == "on"
+        self.clocks = ClockSync()
+        self.started_at = self.now()
         self.tally = BurstTally(self.gaps_s, sweep=self.sweep)
         self.hub = Hub(self.gaps_s, StopRule(unsafe_after_failures=options.tuner_unsafe_after,
                                              safe_after_requests=options.tuner_safe_after),
@@ -133,17 +153,48 @@ class _Conductor:
     def runner(self) -> Any:
         return self.environment.runner
 
+    def now(self) -> float:
+        """This process's wall clock (behind by --tuner-delay-ms, to stand for a skewed node)."""
+        return time.time() - self.delay_s
+
     # -- every process: when to fire, and what came back --------------------------------
     def start_first_burst(self) -> None:
         """Once every user exists (Locust says spawning is complete): in a single process
         this process fires; with workers the master sends every worker the same instant."""
         if self.hub.n_bursts or self.mode != "bursts" or self.finished:
             return
-        at = time.time() + FIRST_BURST_DELAY_S
         if isinstance(self.runner, MasterRunner):
-            self.runner.send_message(_MSG_AT, {"index": 0, "at": at})
+            gevent.spawn(self._sync_clocks_then_fire)
         elif self.burst_index < 0:
-            self.schedule(0, at)
+            self.schedule(0, self.now() + FIRST_BURST_DELAY_S)
+
+    def _sync_clocks_then_fire(self) -> None:
+        """The master: ping every worker (tuner.load.clocks), then fire the first burst."""
+        if self.clock_sync:
+            for _ in range(CLOCK_PINGS):
+                self.runner.send_message(_MSG_PING, {"sent": self.now()})
+                gevent.sleep(CLOCK_PING_EVERY_S)
+            deadline = self.now() + CLOCK_SYNC_WAIT_S
+            while (set(self.runner.clients.keys()) - set(self.clocks.best)
+                   and self.now() < deadline):
+                gevent.sleep(CLOCK_PING_EVERY_S)
+        self.send_at(0, self.now() + FIRST_BURST_DELAY_S)
+
+    def send_at(self, index: int, at: float) -> None:
+        """The master: burst `index` starts at `at` (master clock), told to each worker in
+        its own clock."""
+        for node_id in list(self.runner.clients.keys()):
+            self.runner.send_message(_MSG_AT, {"index": index,
+                                               "at": self.clocks.to_worker(at, node_id)},
+                                     client_id=node_id)
+
+    def pinged(self, sent: float) -> None:
+        """A worker: answer the master's clock ping with this process's time."""
+        self.runner.send_message(_MSG_PONG, {"sent": sent, "worker": self.now()})
+
+    def ponged(self, node_id: str, data: dict[str, Any]) -> None:
+        self.clocks.record(node_id, sent_s=float(data["sent"]), worker_s=float(data["worker"]),
+                           received_s=self.now())
 
     def local_users(self) -> int:
         """This process's users. Not the count `spawning_complete` gives: on a worker, that
@@ -161,7 +212,7 @@ class _Conductor:
         released, self.new_burst = self.new_burst, Event()
         released.set()
         last_group_s = max(self.offset_s(index, g) for g in range(self.n_groups))
-        gevent.spawn_later(max(0.0, at + last_group_s - time.time()) + BURST_TIMEOUT_S,
+        gevent.spawn_later(max(0.0, at + last_group_s - self.now()) + BURST_TIMEOUT_S,
                            self._deadline, index)
 
     def offset_s(self, index: int, group: int) -> float:
@@ -187,7 +238,7 @@ class _Conductor:
                 self._deliver(report)
 
     def steady_answered(self, outcome: Outcome) -> None:
-        self._deliver({"index": -1, "first_answer": time.time(),
+        self._deliver({"index": -1, "first_answer": self.now(),
                        "counts": {STEADY: {outcome.value: 1}}})
 
     def _deliver(self, report: dict[str, Any]) -> None:
@@ -211,7 +262,7 @@ class _Conductor:
             self.finish()
         elif isinstance(decision, NextBurst):
             if isinstance(self.runner, MasterRunner):
-                self.runner.send_message(_MSG_AT, {"index": decision.index, "at": decision.at})
+                self.send_at(decision.index, decision.at)
             else:
                 self.schedule(decision.index, decision.at)
 
@@ -228,7 +279,10 @@ class _Conductor:
             return
         late = self.tally.flush()  # answers that arrived after their burst's report
         self.hub.merge(late["counts"], late["idle_ms"])
-        document = self.hub.results(mode=self.mode, elapsed_s=time.time() - self.started_at)
+        document = self.hub.results(mode=self.mode, elapsed_s=self.now() - self.started_at)
+        if isinstance(self.runner, MasterRunner):
+            document["clock_sync"] = self.clock_sync
+            document["clocks"] = self.clocks.summary()
         temporary = f"{self.results_path}.tmp"
         with open(temporary, "w") as out:
             json.dump(document, out)
@@ -254,13 +308,24 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
     if isinstance(runner, MasterRunner):
         def on_done(msg: Any, **_kw: Any) -> None:  # Locust passes `msg=` by name
             if _conductor is not None:
-                _conductor.on_report(str(msg.node_id), msg.data)
+                _conductor.on_report(str(msg.node_id), _conductor.clocks.report_to_master(
+                    str(msg.node_id), msg.data))
+
+        def on_pong(msg: Any, **_kw: Any) -> None:
+            if _conductor is not None:
+                _conductor.ponged(str(msg.node_id), msg.data)
         runner.register_message(_MSG_DONE, on_done)
+        runner.register_message(_MSG_PONG, on_pong)
     elif isinstance(runner, WorkerRunner):
         def on_at(msg: Any, **_kw: Any) -> None:
             if _conductor is not None:
                 _conductor.schedule(msg.data["index"], msg.data["at"])
+
+        def on_ping(msg: Any, **_kw: Any) -> None:
+            if _conductor is not None:
+                _conductor.pinged(msg.data["sent"])
         runner.register_message(_MSG_AT, on_at)
+        runner.register_message(_MSG_PING, on_ping)
 
 
 @events.spawning_complete.add_listener
@@ -328,7 +393,7 @@ class RaceHuntingUser(FastHttpUser):
                 response.success()
             else:
                 response.failure(f"{outcome.value}: {error or response.status_code}")
-        return outcome, time.time()
+        return outcome, _conductor.now()
 
     @task
     def fire(self) -> None:
@@ -342,9 +407,9 @@ class RaceHuntingUser(FastHttpUser):
                 return
         index, at = _conductor.burst_index, _conductor.burst_at
         loosen_ms = _options(self.environment).tuner_loosen_ms
-        gevent.sleep(max(0.0, at + _conductor.offset_s(index, self.sweep_group) - time.time())
+        gevent.sleep(max(0.0, at + _conductor.offset_s(index, self.sweep_group) - _conductor.now())
                      + (self.random.uniform(0, loosen_ms) / 1000 if loosen_ms else 0.0))
-        sent_at = time.time()
+        sent_at = _conductor.now()
         idle_s = sent_at - self.last_answer_at if self.last_answer_at is not None else None
         outcome, answered_at = self._send()
         # no HTTP answer leaves no connection behind: the next request starts a fresh one
@@ -360,11 +425,11 @@ class RaceHuntingUser(FastHttpUser):
         if self.done_index < 0:
             n_users = max(1, _options(self.environment).tuner_burst_size)
             gevent.sleep(period_s * (self.steady_phase % n_users) / n_users)
-        started = time.time()
+        started = _conductor.now()
         outcome, _ = self._send()
         self.done_index += 1
         _conductor.steady_answered(outcome)
-        gevent.sleep(max(0.0, period_s - (time.time() - started)))
+        gevent.sleep(max(0.0, period_s - (_conductor.now() - started)))
 
 
 class BurstShape(LoadTestShape):
