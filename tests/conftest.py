@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -231,3 +232,21 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     Kubernetes v1.34.4) for the whole session, started on first use; RBAC enforced."""
     with real_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+def signal_and_wait(process: subprocess.Popen[str], signum: int, *,
+                    timeout_s: float = 20) -> str:
+    """Send `signum` and wait for the exit; its stderr. If it does not stop, SIGTERM (the
+    CLI's clean stop), then SIGKILL, so a failing test leaves nothing running behind it
+    (a lab left so once failed a later, unrelated test on its leaked pipes)."""
+    process.send_signal(signum)
+    try:
+        return process.communicate(timeout=timeout_s)[1] or ""
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        raise

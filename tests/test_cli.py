@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import alive, descendants, wait_for
+from .conftest import alive, descendants, signal_and_wait, wait_for
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
 
@@ -27,23 +27,6 @@ def _lab_up(*args: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
     return process, json.loads(line)
 
 
-def _signal_and_wait(process: subprocess.Popen[str], signum: int) -> str:
-    """Send `signum` and wait for the exit; its stderr. If it does not stop, SIGTERM (the
-    CLI's clean stop), then SIGKILL, so a failing test leaves no lab running behind it
-    (a lab left so once failed a later, unrelated test on its leaked pipes)."""
-    process.send_signal(signum)
-    try:
-        return process.communicate(timeout=20)[1] or ""
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        try:
-            process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-        raise
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_lab_up_serves_then_stops_everything_on_a_signal(signum: int) -> None:
     process, info = _lab_up("--proxy", "nginx", "--upstream", "node", "--proxy-idle", "60s",
@@ -56,7 +39,7 @@ def test_lab_up_serves_then_stops_everything_on_a_signal(signum: int) -> None:
         children = descendants(process.pid)
         assert len(children) >= 3, children  # nginx master + worker, node
     finally:
-        stderr = _signal_and_wait(process, signum)
+        stderr = signal_and_wait(process, signum)
     assert process.returncode == 130
     assert "stopped" in stderr
     wait_for(lambda: not alive(children), timeout_s=5,
@@ -76,7 +59,7 @@ def test_lab_up_human_output_warns_about_a_mismatch() -> None:
             assert line, f"output ended early: {lines}"
             lines.append(line.strip())
     finally:
-        _signal_and_wait(process, signal.SIGINT)
+        signal_and_wait(process, signal.SIGINT)
     text = "\n".join(lines)
     assert "proxy     haproxy 2." in text
     assert "--timeout-keep-alive (whole seconds): 5s" in text

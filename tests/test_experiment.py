@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tuner.errors import ConfigError, LoadError
+from tuner.errors import Cancelled, ConfigError, LoadError
 from tuner.experiment.runner import TrialKey, run_trial, trial_order
 from tuner.experiment.spec import ExperimentSpec, load_spec, parse_spec
 from tuner.lab import Lab, get_upstream
 from tuner.load.locust_runner import LocustPlan, run_locust
 
-from .conftest import alive, descendants, wait_for
+from .conftest import alive, descendants, signal_and_wait, wait_for
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
 
@@ -157,6 +157,25 @@ def test_an_upstream_dying_mid_trial_makes_the_trial_invalid() -> None:
                                             "the proxy could not connect to the upstream"))
 
 
+def test_a_probe_under_way_stops_when_the_run_is_interrupted() -> None:
+    """A --parallel cell probes an upstream idle value not probed yet in its own thread;
+    Ctrl-C sets the cancel event, and the probe ends within about a second instead of
+    waiting out the close (Node at 20 s: 21 s and more)."""
+    spec = parse_spec({"max_seconds": 60})
+    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=1,
+             upstream_idle_s=20) as lab:
+        cancel = threading.Event()
+        interrupt = threading.Timer(2.0, cancel.set)
+        interrupt.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(Cancelled, match="probe"):
+                run_trial(lab, spec, TrialKey(1.0, 20.0, 0), cancel=cancel)
+        finally:
+            interrupt.cancel()
+        assert time.monotonic() - started < 6
+
+
 def test_locust_failing_shows_why(tmp_path: Path) -> None:
     with pytest.raises(LoadError, match=r"Locust exited \(status 2\) without usable results: "
                                         r".*unrecognized arguments: --no-such-option"):
@@ -237,8 +256,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     wait_for(lambda: any("locust" in _cmdline(pid) for pid in descendants(runner.pid)),
              timeout_s=60, what="Locust process under the runner")
     started = descendants(runner.pid)
-    runner.send_signal(signal.SIGINT)
-    _, stderr = runner.communicate(timeout=30)
+    stderr = signal_and_wait(runner, signal.SIGINT, timeout_s=30)
     assert runner.returncode == 130
     assert f"tuner experiment --db {db} --resume" in stderr
     wait_for(lambda: not alive(started), timeout_s=5, what="exit of every process it started")
@@ -265,8 +283,7 @@ def test_ctrl_c_stops_work_in_other_threads_at_once(tmp_path: Path, proxy_idle: 
     wait_for(lambda: loads() >= n_loads, timeout_s=90, what=f"{n_loads} Locust load(s)")
     started = descendants(runner.pid)
     interrupted = time.monotonic()
-    runner.send_signal(signal.SIGINT)
-    _, stderr = runner.communicate(timeout=60)
+    stderr = signal_and_wait(runner, signal.SIGINT, timeout_s=60)
     # not the 90 s budgets nor the 60 s lifetime: the threads saw the cancel
     assert time.monotonic() - interrupted < 15, stderr
     assert runner.returncode == 130, stderr

@@ -37,7 +37,7 @@ from pathlib import Path
 from tuner import __version__
 from tuner.analysis.budget import LoadShape
 from tuner.durations import format_seconds
-from tuner.errors import ConfigError, ProbeError
+from tuner.errors import Cancelled, ConfigError, ProbeError
 from tuner.experiment.spec import ExperimentSpec
 from tuner.experiment.trials import (
     PROBE_SAMPLES,
@@ -228,6 +228,19 @@ def _proxy_lifetimes(spec: ExperimentSpec, keys: list[TrialKey], *,
     return lifetimes
 
 
+def _stop_on(cancel: threading.Event | None) -> Callable[[float, int], None] | None:
+    """A probe's progress callback (called about once a second while it waits for the
+    closes) that ends the probe when the run is interrupted: a probe in a --parallel cell's
+    thread would otherwise hold Ctrl-C up to 3 x the setting + 5 s."""
+    if cancel is None:
+        return None
+
+    def check(_elapsed_s: float, _n_open: int) -> None:
+        if cancel.is_set():
+            raise Cancelled("the probe of the upstream was stopped: the run was interrupted")
+    return check
+
+
 def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
               tick: Callable[[str], None] | None = None,
               say: Callable[[str], None] | None = None,
@@ -249,7 +262,7 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
     if measured is None:
         try:
             measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=PROBE_SAMPLES,
-                             max_idle_s=max_idle_s)
+                             max_idle_s=max_idle_s, on_progress=_stop_on(cancel))
         except ProbeError as exc:
             raise InvalidTrial(f"probing the upstream failed: {exc}") from exc
         if probed is not None and measured.effective_close_s is not None:
