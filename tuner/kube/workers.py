@@ -25,12 +25,13 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.errors import ConfigError, KubeNotFound, KubeWaitTimeout
+from tuner.errors import ConfigError, KubeNotFound, KubeWaitTimeout, TunerError
 from tuner.kube.client import REQUEST_TIMEOUT, api_errors
 from tuner.kube.target import ClusterTarget
 
@@ -41,6 +42,9 @@ WORKER_LABELS = {"app.kubernetes.io/name": "tuner-worker", "app.kubernetes.io/pa
                  "app.kubernetes.io/managed-by": "tuner"}
 #: a stale worker Job must be gone (its pods may still terminate) before a new one is made
 DELETE_WAIT_S = 60.0
+#: how a request is made: with retries while the API server does not answer
+#: (tuner.kube.cluster.Cluster.call), or once
+Call = Callable[[str, Callable[[], Any]], Any]
 _ENV = ("TUNER_POD_NAME", "TUNER_POD_UID", "TUNER_POD_IP", "TUNER_POD_NAMESPACE")
 
 
@@ -65,6 +69,11 @@ class RunnerPod:
                               "pod passes them from the downward API (manifests/base/job.yaml,"
                               " env), and the worker pods need all four to find the runner")
         return cls(*values)
+
+
+def _once(_what: str, action: Callable[[], Any]) -> Any:
+    """A `call` that does not retry."""
+    return action()
 
 
 def require_runner_pod(target: ClusterTarget, environ: Mapping[str, str]) -> RunnerPod | None:
@@ -146,7 +155,7 @@ class WorkerJob:
     `call` retries a request the API server did not answer (tuner.kube.cluster)."""
 
     def __init__(self, connection: Any, target: ClusterTarget, runner: RunnerPod, *,
-                 image: str, deadline_s: float, call: Any, poll_s: float = 0.5) -> None:
+                 image: str, deadline_s: float, call: Call, poll_s: float = 0.5) -> None:
         from kubernetes import client
 
         self.core, self.host, self.context = connection
@@ -170,7 +179,7 @@ class WorkerJob:
                                                  _request_timeout=REQUEST_TIMEOUT)
         self.call(f"create Job {WORKER_JOB}", create)
 
-    def pods(self) -> list[Any]:
+    def pods(self, call: Call | None = None) -> list[Any]:
         def read() -> list[Any]:
             with self._errors("list", resource="pods", kind="Pods"):
                 selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
@@ -178,22 +187,28 @@ class WorkerJob:
                     self.target.namespace, label_selector=selector,
                     _request_timeout=REQUEST_TIMEOUT).items
                 return pods
-        return list(self.call("list the worker pods", read))
+        return list((call or self.call)("list the worker pods", read))
 
     def describe(self) -> str:
         try:
-            return describe_pods([p for p in self.pods()
+            return describe_pods([p for p in self.pods(call=_once)
                                   if p.metadata.deletion_timestamp is None])
-        except Exception as exc:  # for an error message only: never hide the real error
+        except TunerError as exc:  # for an error message only: never hide the real error
             return f"their state could not be read ({exc})"
 
     def stop(self) -> None:
-        self.remove(wait=False)
+        """One attempt, no retries: this runs with signals held on the way out (SIGTERM's
+        grace period is short); if the API does not answer, the Job's owner reference and
+        its deadline remove it, and the next trial's start deletes it first."""
+        with contextlib.suppress(TunerError):
+            self.remove(wait=False, call=_once)
 
-    def remove(self, *, wait: bool) -> None:
+    def remove(self, *, wait: bool, call: Call | None = None) -> None:
         """Delete the worker Job and, through the garbage collector, its pods; with `wait`,
         until the Job is gone."""
         from kubernetes import client
+
+        call = call or self.call
 
         def delete() -> None:
             with self._errors("delete"):
@@ -201,7 +216,7 @@ class WorkerJob:
                     WORKER_JOB, self.target.namespace, _request_timeout=REQUEST_TIMEOUT,
                     body=client.V1DeleteOptions(propagation_policy="Background"))
         try:
-            self.call(f"delete Job {WORKER_JOB}", delete)
+            call(f"delete Job {WORKER_JOB}", delete)
         except KubeNotFound:
             return
         if not wait:
@@ -214,7 +229,7 @@ class WorkerJob:
                                                _request_timeout=REQUEST_TIMEOUT)
         while True:
             try:
-                self.call(f"get Job {WORKER_JOB}", read)
+                call(f"get Job {WORKER_JOB}", read)
             except KubeNotFound:
                 return
             if time.monotonic() > deadline:
@@ -224,7 +239,7 @@ class WorkerJob:
 
 
 def runner_image(core: Any, runner: RunnerPod, *, host: str, context: str | None,
-                 call: Any) -> str:
+                 call: Call) -> str:
     """The image the runner's own pod runs (its container named tuner, else its first):
     the worker pods run the same tuner, Locust and locustfile."""
     def read() -> Any:

@@ -87,10 +87,13 @@ class WorkerLauncher(Protocol):
 
     def start(self, argv: list[str]) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Quick and never raising: it runs on the way out of an interrupted load, with
+        signals held."""
+        ...
 
     def describe(self) -> str:
-        """What the workers are doing, for an error message."""
+        """What the workers are doing, for an error message; never raises."""
         ...
 
 
@@ -138,11 +141,10 @@ def locust_argv(plan: LocustPlan, *, results_path: Path, master_port: int = 5557
     return argv + list(plan.locust_args)
 
 
-def worker_argv(plan: LocustPlan, *, master_host: str, master_port: int,
-                python: str | None = None) -> list[str]:
-    """The command line of one remote worker of `plan` (pure). `python`: the interpreter
-    where the worker runs (a pod's image), this one by default."""
-    return [python or sys.executable, "-m", "locust", "-f", _module_path(), "--worker",
+def worker_argv(plan: LocustPlan, *, master_host: str, master_port: int) -> list[str]:
+    """The command line of one remote worker of `plan` (pure): this interpreter and this
+    module's path, which a worker pod of the runner's own image has too."""
+    return [sys.executable, "-m", "locust", "-f", _module_path(), "--worker",
             "--master-host", master_host, "--master-port", str(master_port),
             *_load_args(plan), *plan.locust_args]
 
@@ -190,7 +192,8 @@ def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
         with held_signals():
             process.stop()
             if launcher is not None and plan.remote_workers:
-                workers_state = launcher.describe()
+                if process.exit_status() not in (0, 1) or not results_path.exists():
+                    workers_state = launcher.describe()  # before they are gone
                 launcher.stop()
     status = process.exit_status()
     try:
