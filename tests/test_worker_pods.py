@@ -251,3 +251,20 @@ def test_worker_pods_of_a_real_job_carry_the_load_and_go_away(kube: RealCluster,
         # as the audit log saw it: the worker Job's verbs, all allowed
         used, codes = _used(kube, ns.user("tuner"))
         assert 403 not in codes and used >= WORKER_MAY, sorted(used)
+
+
+def test_worker_pods_are_refused_before_the_cluster_is_touched(tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    from tuner.experiment.cluster_runner import run_cluster_experiment
+    from tuner.experiment.spec import parse_spec
+
+    for key in ("TUNER_POD_NAME", "TUNER_POD_UID", "TUNER_POD_IP", "TUNER_POD_NAMESPACE"):
+        monkeypatch.delenv(key, raising=False)
+    section = {"namespace": "n", "service_url": "http://x/", "deployment": "d", "workers": 2}
+    nowhere = str(tmp_path / "no-kubeconfig")  # never read: the refusal comes first
+    with pytest.raises(ConfigError, match="not in a pod"):
+        run_cluster_experiment(parse_spec({"kubernetes": section}), kubeconfig=nowhere,
+                               context=None, say=lambda _line: None)
+    with pytest.raises(ConfigError, match=r"workers: 1 .* kubernetes.workers: 2 .*choose one"):
+        run_cluster_experiment(parse_spec({"workers": 1, "kubernetes": section}),
+                               kubeconfig=nowhere, context=None, say=lambda _line: None)
