@@ -18,11 +18,11 @@ import argparse
 import itertools
 import statistics
 
+from racing_lab import racing_lab  # bench/, the script's own directory
+
 from tuner.analysis.stopping import StopRule, n_race_failures
-from tuner.lab import Lab, get_upstream
 from tuner.load.bursts import straddling_gaps
 from tuner.load.locust_runner import LocustPlan, run_locust
-from tuner.probe import parse_target, probe
 
 
 def main() -> None:
@@ -40,13 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     sweeps = args.sweeps.split(",")
-    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=args.t + 1.0,
-             upstream_idle_s=args.t - 1.0) as lab:
-        assert lab.proxy is not None and lab.upstream is not None
-        measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=5,
-                         max_idle_s=3 * args.t + 5)
-        close_s = measured.effective_close_s
-        assert close_s is not None, "Node never closed"
+    with racing_lab(args.t) as (lab, close_s):
+        assert lab.proxy is not None
         windows = [tuple(float(x) / 1000 for x in w.split(":"))
                    for w in args.windows.split(",")]
         print(f"Node closes at {close_s:.4f} s")

@@ -22,13 +22,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from racing_lab import racing_lab  # bench/, the script's own directory
+
 from tuner.analysis.budget import GAP_ABOVE_S, GAP_BELOW_S
 from tuner.analysis.stopping import StopRule, n_race_failures
-from tuner.lab import Lab, get_upstream
 from tuner.load.bursts import straddling_gaps
 from tuner.load.local_workers import LocalWorkers
 from tuner.load.locust_runner import LocustPlan, run_locust
-from tuner.probe import parse_target, probe
 
 
 def main() -> None:
@@ -44,13 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     delays = [float(x) for x in args.delays.split(",")]
     syncs = args.sync.split(",")
-    with Lab(proxy="nginx", upstream=get_upstream("node"), proxy_idle_s=args.t + 1.0,
-             upstream_idle_s=args.t - 1.0) as lab:
-        assert lab.proxy is not None and lab.upstream is not None
-        measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=5,
-                         max_idle_s=3 * args.t + 5)
-        close_s = measured.effective_close_s
-        assert close_s is not None, "Node never closed"
+    with racing_lab(args.t) as (lab, close_s):
+        assert lab.proxy is not None
         gaps_s = straddling_gaps(close_s, below_s=GAP_BELOW_S, above_s=GAP_ABOVE_S, n_steps=7)
         print(f"Node closes at {close_s:.4f} s; 2 workers, {args.burst_size} users a burst, "
               f"{args.reused_bursts} reused bursts a run")
