@@ -10,7 +10,6 @@ container)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from kubernetes import client
 
 from tuner.errors import ConfigError
 from tuner.kube.apply import connect
+from tuner.kube.client import call_once
 from tuner.kube.target import ClusterTarget, parse_cluster_target
 from tuner.kube.workers import (
     WORKER_JOB,
@@ -35,6 +35,7 @@ from tuner.load.clocks import ClockSync
 from tuner.load.local_workers import LocalWorkers
 from tuner.load.locust_runner import LocustPlan, run_locust, worker_argv
 
+from .conftest import wait_for
 from .real_cluster import KubeNamespace, NodeAgent, RealCluster, kube_namespace, render
 from .test_kube_real import WORKER_MAY
 from .test_kube_real_loop import _used
@@ -175,17 +176,6 @@ def _runner_pod(ns: KubeNamespace) -> RunnerPod:
     return RunnerPod(name="tuner-runner", uid=uid, ip="127.0.0.1", namespace=ns.name)
 
 
-def _wait(what: str, is_true: Any, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not is_true():
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g}s"
-        time.sleep(0.2)
-
-
-def _direct(_what: str, action: Any) -> Any:
-    return action()
-
-
 @pytest.mark.race
 def test_worker_pods_of_a_real_job_carry_the_load_and_go_away(kube: RealCluster,
                                                                tmp_path: Path) -> None:
@@ -195,7 +185,7 @@ def test_worker_pods_of_a_real_job_carry_the_load_and_go_away(kube: RealCluster,
         admin = connect(kubeconfig=str(kube.kubeconfig), context=None).core
         batch = client.BatchV1Api(admin.api_client)
         image = runner_image(connection.core, runner, host=connection.host, context=None,
-                             call=_direct)
+                             call=call_once)
         assert image == "tuner:0.1.0"
         target = ClusterTarget(namespace=ns.name, service_url="http://x/", deployment="d",
                                workers=2)
@@ -218,7 +208,7 @@ def test_worker_pods_of_a_real_job_carry_the_load_and_go_away(kube: RealCluster,
                                   burst_size=30, remote_workers=2, max_seconds=20,
                                   master_bind_host=runner.ip)
                 launcher = WorkerJob(connection, target, runner, image=image,
-                                     deadline_s=200, call=_direct, poll_s=0.2)
+                                     deadline_s=200, call=call_once, poll_s=0.2)
                 results = run_locust(plan, workdir=lab.workdir, launcher=launcher,
                                      master_host=runner.ip)
             assert results["n_processes"] == 2, results
@@ -231,23 +221,25 @@ def test_worker_pods_of_a_real_job_carry_the_load_and_go_away(kube: RealCluster,
             for process in started:
                 process.stop()
         # the load's end deleted the Job; the garbage collector takes its pods
-        _wait("worker Job gone", lambda: not batch.list_namespaced_job(ns.name).items)
-        _wait("worker pods gone", lambda: not admin.list_namespaced_pod(
-            ns.name, label_selector=selector).items)
+        wait_for(lambda: not batch.list_namespaced_job(ns.name).items, timeout_s=60,
+                 interval_s=0.2, what="worker Job gone")
+        wait_for(lambda: not admin.list_namespaced_pod(ns.name, label_selector=selector).items,
+                 timeout_s=60, interval_s=0.2, what="worker pods gone")
 
         # a runner cut short leaves its Job: the next start replaces it; deleting the
         # runner's pod (its owner) removes it too
         stale = WorkerJob(connection, target, runner, image=image, deadline_s=60,
-                          call=_direct, poll_s=0.2)
+                          call=call_once, poll_s=0.2)
         stale.start(worker_argv(plan, master_host="127.0.0.1", master_port=9))
-        _wait("stale worker pods", lambda: len(stale.pods()) == 2)
+        wait_for(lambda: len(stale.pods()) == 2, timeout_s=60, interval_s=0.2,
+                 what="stale worker pods")
         assert "Pending" in stale.describe()  # no node agent now: never scheduled
         first_uid = batch.read_namespaced_job(WORKER_JOB, ns.name).metadata.uid
         stale.start(worker_argv(plan, master_host="127.0.0.1", master_port=9))
         assert batch.read_namespaced_job(WORKER_JOB, ns.name).metadata.uid != first_uid
         admin.delete_namespaced_pod("tuner-runner", ns.name, grace_period_seconds=0)
-        _wait("worker Job collected with its owner",
-              lambda: not batch.list_namespaced_job(ns.name).items)
+        wait_for(lambda: not batch.list_namespaced_job(ns.name).items, timeout_s=60,
+                 interval_s=0.2, what="worker Job collected with its owner")
         # as the audit log saw it: the worker Job's verbs, all allowed
         used, codes = _used(kube, ns.user("tuner"))
         assert 403 not in codes and used >= WORKER_MAY, sorted(used)

@@ -64,13 +64,7 @@ from tuner.kube.rollout import pod_fingerprint, sidecar_urls
 from tuner.kube.target import ClusterTarget, cluster_target
 from tuner.kube.workers import RunnerPod, WorkerJob, require_runner_pod, runner_image
 from tuner.lab.process import held_signals
-from tuner.load.locust_runner import (
-    REMOTE_WORKERS_WAIT_S,
-    STARTUP_AND_STOP_S,
-    LocustPlan,
-    WorkerLauncher,
-    run_locust,
-)
+from tuner.load.locust_runner import LocustPlan, WorkerLauncher, load_deadline_s, run_locust
 from tuner.store import ResultsStore, StoredTrial
 from tuner.trial import Trial
 
@@ -126,7 +120,7 @@ class _Workers:
                                      master_bind_host=self.runner.ip)
         return remote, WorkerJob(
             cluster.connection, target, self.runner, image=self.image, call=cluster.call,
-            deadline_s=plan.max_seconds + STARTUP_AND_STOP_S + REMOTE_WORKERS_WAIT_S)
+            deadline_s=load_deadline_s(remote))
 
 
 @dataclass

@@ -140,12 +140,18 @@ def _server_message(exc: Any) -> str:
         return str(exc.body or exc.reason)
 
 
-def _direct(_what: str, action: Callable[[], T]) -> T:
+#: how a request is made: with retries while the API server does not answer
+#: (tuner.kube.cluster.Cluster.call), or once (call_once)
+Call = Callable[[str, Callable[[], Any]], Any]
+
+
+def call_once(_what: str, action: Callable[[], T]) -> T:
+    """A `Call` that makes the request once, without retries."""
     return action()
 
 
 def read_configmap(connection: Connection, namespace: str, name: str, *,
-                   call: Callable[[str, Callable[[], Any]], Any] = _direct) -> Any | None:
+                   call: Call = call_once) -> Any | None:
     """The ConfigMap, or None if it does not exist. `call` wraps the request (a caller that
     waits out an unreachable API server passes its retry loop)."""
     api, host, context = connection
@@ -164,7 +170,7 @@ def write_configmap(connection: Connection, namespace: str, name: str, *,
                     data: Mapping[str, str | None], create: bool,
                     annotations: Mapping[str, str] | None = None,
                     labels: Mapping[str, str] | None = None,
-                    call: Callable[[str, Callable[[], Any]], Any] = _direct,
+                    call: Call = call_once,
                     on_conflict: Callable[[str], None] | None = None) -> str:
     """Set (None: remove) `data` keys of a ConfigMap and merge `annotations` and `labels`
     into its metadata; create it when missing if `create`. Returns "created", "updated" or

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tuner.errors import ConfigError, KubeNotFound, KubeWaitTimeout, TunerError
-from tuner.kube.client import REQUEST_TIMEOUT, api_errors
+from tuner.kube.client import REQUEST_TIMEOUT, Call, api_errors, call_once
+from tuner.kube.rollout import list_pods
 from tuner.kube.target import ClusterTarget
 
 WORKER_JOB = "tuner-workers"
@@ -42,9 +43,6 @@ WORKER_LABELS = {"app.kubernetes.io/name": "tuner-worker", "app.kubernetes.io/pa
                  "app.kubernetes.io/managed-by": "tuner"}
 #: a stale worker Job must be gone (its pods may still terminate) before a new one is made
 DELETE_WAIT_S = 60.0
-#: how a request is made: with retries while the API server does not answer
-#: (tuner.kube.cluster.Cluster.call), or once
-Call = Callable[[str, Callable[[], Any]], Any]
 _ENV = ("TUNER_POD_NAME", "TUNER_POD_UID", "TUNER_POD_IP", "TUNER_POD_NAMESPACE")
 
 
@@ -69,11 +67,6 @@ class RunnerPod:
                               "pod passes them from the downward API (manifests/base/job.yaml,"
                               " env), and the worker pods need all four to find the runner")
         return cls(*values)
-
-
-def _once(_what: str, action: Callable[[], Any]) -> Any:
-    """A `call` that does not retry."""
-    return action()
 
 
 def require_runner_pod(target: ClusterTarget, environ: Mapping[str, str]) -> RunnerPod | None:
@@ -163,9 +156,9 @@ class WorkerJob:
         self.target, self.runner, self.image = target, runner, image
         self.deadline_s, self.call, self.poll_s = deadline_s, call, poll_s
 
-    def _errors(self, verb: str, resource: str = "jobs", kind: str = "Job") -> Any:
+    def _errors(self, verb: str) -> Any:
         return api_errors(verb, self.target.namespace, WORKER_JOB, self.host, self.context,
-                          resource=resource, kind=kind)
+                          resource="jobs", kind="Job")
 
     def start(self, argv: list[str]) -> None:
         self.remove(wait=True)  # a stale Job of a run cut short
@@ -180,18 +173,13 @@ class WorkerJob:
         self.call(f"create Job {WORKER_JOB}", create)
 
     def pods(self, call: Call | None = None) -> list[Any]:
-        def read() -> list[Any]:
-            with self._errors("list", resource="pods", kind="Pods"):
-                selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
-                pods: list[Any] = self.core.list_namespaced_pod(
-                    self.target.namespace, label_selector=selector,
-                    _request_timeout=REQUEST_TIMEOUT).items
-                return pods
-        return list((call or self.call)("list the worker pods", read))
+        selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
+        return list((call or self.call)("list the worker pods", lambda: list_pods(
+            self.core, self.target.namespace, selector, host=self.host, context=self.context)))
 
     def describe(self) -> str:
         try:
-            return describe_pods([p for p in self.pods(call=_once)
+            return describe_pods([p for p in self.pods(call=call_once)
                                   if p.metadata.deletion_timestamp is None])
         except TunerError as exc:  # for an error message only: never hide the real error
             return f"their state could not be read ({exc})"
@@ -201,7 +189,7 @@ class WorkerJob:
         grace period is short); if the API does not answer, the Job's owner reference and
         its deadline remove it, and the next trial's start deletes it first."""
         with contextlib.suppress(TunerError):
-            self.remove(wait=False, call=_once)
+            self.remove(wait=False, call=call_once)
 
     def remove(self, *, wait: bool, call: Call | None = None) -> None:
         """Delete the worker Job and, through the garbage collector, its pods; with `wait`,

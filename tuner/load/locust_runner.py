@@ -149,6 +149,13 @@ def worker_argv(plan: LocustPlan, *, master_host: str, master_port: int) -> list
             *_load_args(plan), *plan.locust_args]
 
 
+def load_deadline_s(plan: LocustPlan) -> float:
+    """The longest one load of `plan` may take, start-up and stop included: its budget,
+    Locust's start and stop, and the wait for remote workers."""
+    return plan.max_seconds + STARTUP_AND_STOP_S + (
+        REMOTE_WORKERS_WAIT_S if plan.remote_workers else 0.0)
+
+
 def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
                on_tick: Callable[[float], None] | None = None,
                cancel: threading.Event | None = None,
@@ -171,8 +178,7 @@ def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
     argv = locust_argv(plan, results_path=results_path, master_port=master_port)
     process = ManagedProcess(argv, name=name, log_dir=workdir)
     process.start()
-    deadline = time.monotonic() + plan.max_seconds + STARTUP_AND_STOP_S + (
-        REMOTE_WORKERS_WAIT_S if plan.remote_workers else 0.0)
+    deadline = time.monotonic() + load_deadline_s(plan)
     started = time.monotonic()
     workers_state = ""
     try:
@@ -181,7 +187,8 @@ def run_locust(plan: LocustPlan, *, workdir: Path, name: str = "locust",
         while process.exit_status() is None:
             if time.monotonic() > deadline:
                 raise LoadError(f"Locust did not stop within {plan.max_seconds:g}s + "
-                                f"{STARTUP_AND_STOP_S:g}s; its log: {process.stderr_path}")
+                                f"{load_deadline_s(plan) - plan.max_seconds:g}s; its log: "
+                                f"{process.stderr_path}")
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"the load on {plan.host_url} was stopped: the run was "
                                 "interrupted")
