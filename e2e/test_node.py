@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE_IP = "10.245.0.1"
 
@@ -91,14 +93,6 @@ def node(tmp_path: Path, tuner_image: str) -> Iterator[Node]:
                   f"{step.stderr.strip()[-300:]}")
 
 
-def _wait(what: str, is_true: Any, *, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not is_true():
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout_s:g}s")
-        time.sleep(1)
-
-
 def _deploy_demo(node: Node, **spec_changes: Any) -> dict[str, Any]:
     """The demo overlay on the node, its spec cut to two trials and changed by
     `spec_changes` (into its kubernetes: section for keys of that section); returns the
@@ -146,8 +140,8 @@ def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
     job = _deploy_demo(node)
     started = time.monotonic()
     node.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
-    _wait("first trial in the ledger", lambda: "trial-000" in node.configmap("tuner-ledger"),
-          timeout_s=300)
+    wait_for(lambda: "trial-000" in node.configmap("tuner-ledger"), timeout_s=300,
+             interval_s=1, what="first trial in the ledger")
     first = node.kubectl("-n", "tuner-demo", "get", "pods", "-l", "job-name=tuner-experiment",
                          "-o", "jsonpath={.items[0].metadata.name}").stdout
     node.kubectl("-n", "tuner-demo", "delete", "pod", first, "--wait=true", "--timeout=90s")
@@ -156,7 +150,7 @@ def test_the_job_runs_on_a_real_node_and_resumes_after_its_pod_is_deleted(
     tuning = node.configmap("tuner-tuning")
     assert tuning["upstream-keepalive-timeout"] == "60"  # the baseline, restored
 
-    _wait("the Job complete", lambda: _job_done(node), timeout_s=600)
+    wait_for(lambda: _job_done(node), timeout_s=600, interval_s=1, what="the Job complete")
     wall_s = time.monotonic() - started
     logs = node.kubectl("-n", "tuner-demo", "logs", "job/tuner-experiment").stdout
     assert "resuming experiment" in logs, logs
@@ -186,7 +180,7 @@ def test_the_load_comes_from_worker_pods_on_a_real_node(node: Node) -> None:
                              "jsonpath={.items[*].metadata.name}").stdout.split()
         seen_workers.update(names)
         return _job_done(node)
-    _wait("the Job complete", done_and_watch, timeout_s=900)
+    wait_for(done_and_watch, timeout_s=900, interval_s=1, what="the Job complete")
     wall_s = time.monotonic() - started
     logs = node.kubectl("-n", "tuner-demo", "logs", "job/tuner-experiment").stdout
     ledger = node.configmap("tuner-ledger")
@@ -199,8 +193,8 @@ def test_the_load_comes_from_worker_pods_on_a_real_node(node: Node) -> None:
     assert all(t["n_load_processes"] == 2 for t in trials), trials
     assert len(seen_workers) >= 2, seen_workers
     # the last trial's worker Job was deleted when its load ended; its pods follow
-    _wait("the worker pods gone", lambda: not node.kubectl(
+    wait_for(lambda: not node.kubectl(
         "-n", "tuner-demo", "get", "pods", "-l", "app.kubernetes.io/name=tuner-worker",
-        "-o", "name").stdout.strip(), timeout_s=60)
+        "-o", "name").stdout.strip(), timeout_s=60, interval_s=1, what="the worker pods gone")
     assert not node.kubectl("-n", "tuner-demo", "get", "jobs", "-o", "name").stdout.count(
         "tuner-workers")
