@@ -42,7 +42,7 @@ def _measure(proxy: str, *, budget_s: float) -> None:
              upstream_idle_s=1) as lab:
         assert lab.upstream is not None and lab.proxy is not None
         close_s = probe(parse_target(f"{lab.upstream.url}/"), n_samples=3,
-                        max_idle_s=10).effective_close_s
+                        max_idle_s=10).earliest_close_s
         assert close_s is not None
         gaps = straddling_gaps(close_s, below_s=0.009, above_s=0.009, n_steps=7)
         print(f"\n{proxy}: Node closes idle connections after {close_s:.3f} s; "

@@ -19,6 +19,6 @@ def racing_lab(t_s: float) -> Iterator[tuple[Lab, float]]:
         assert lab.proxy is not None and lab.upstream is not None
         measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=5,
                          max_idle_s=3 * t_s + 5)
-        close_s = measured.effective_close_s
+        close_s = measured.earliest_close_s
         assert close_s is not None, "Node never closed"
         yield lab, close_s

@@ -154,8 +154,8 @@ def _client_port(client: httpx.Client) -> int:
 def _close_s(lab: Lab) -> float:
     assert lab.upstream is not None
     measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=3, max_idle_s=10)
-    assert measured.effective_close_s is not None, measured
-    return measured.effective_close_s
+    assert measured.earliest_close_s is not None, measured
+    return measured.earliest_close_s
 
 
 def _hunt(lab: Lab, close_s: float, *, method: str) -> tuple[BurstReport, int, dict[str, int]]:

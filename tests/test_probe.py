@@ -62,14 +62,14 @@ def test_python_servers_close_near_their_setting(server: str, low_s: float,
     assert result.idle_close_s is not None
     assert low_s <= result.idle_close_s <= high_s, result.closes_s
     window = result.window
-    assert window is not None and result.effective_close_s is not None
+    assert window is not None and result.earliest_close_s is not None
     if window.served:
-        assert result.effective_close_s == result.idle_close_s
+        assert result.earliest_close_s == result.idle_close_s
     else:  # gunicorn's sweep: the younger check connection's age is what counts
         assert server == "gunicorn", window
         younger_s = window.closed_first_idle_s or window.reused_at_idle_s
         assert younger_s is not None and younger_s < result.idle_close_s
-        assert result.effective_close_s == younger_s
+        assert result.earliest_close_s == younger_s
         assert 0.95 <= younger_s <= high_s
     assert result.advertised_s is None  # none of them sends a Keep-Alive timeout
     _assert_fast(result, result.idle_close_s)

@@ -23,8 +23,8 @@ def _measured_close_s(lab: Lab) -> float:
     assert lab.upstream is not None
     measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=3, max_idle_s=10)
     assert len(measured.closes_s) == 3, measured
-    assert measured.effective_close_s is not None
-    return measured.effective_close_s
+    assert measured.earliest_close_s is not None
+    return measured.earliest_close_s
 
 
 def _hunt(lab: Lab, close_s: float) -> BurstReport:

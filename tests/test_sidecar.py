@@ -89,7 +89,7 @@ def test_probe_measures_the_app_beside_it(pod: Pod) -> None:
     assert answer.status_code == 200
     measured = answer.json()
     assert measured["advertised_s"] == 1.0  # Node, keepAliveTimeout 1000 ms
-    assert 1.9 < measured["effective_close_s"] < 2.3
+    assert 1.9 < measured["earliest_close_s"] < 2.3
     bad = httpx.get(f"{pod.sidecar_url}/probe?max_idle=forever", timeout=10)
     assert bad.status_code == 400 and "max_idle" in bad.json()["error"]
     # the app down is the sidecar's gateway failing, not a bad request: 502, and the

@@ -52,7 +52,7 @@ def test_envoy_sidecar_applies_the_tuning_and_counts_races(
             assert status["in_force"] and status["generation"] == "g2", status
             mark = status["log_offset"]
             close_s = probe(parse_target(f"{upstream.url}/"), n_samples=3,
-                            max_idle_s=10).effective_close_s
+                            max_idle_s=10).earliest_close_s
             assert close_s is not None
             report = run_bursts(BurstPlan(
                 url=f"{proxy.url}/", burst_size=30, n_bursts=8, max_seconds=30,

@@ -118,7 +118,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     verdict = None
     if args.proxy_idle is not None:
-        verdict = judge(proxy_idle_s=args.proxy_idle, upstream_close_s=result.effective_close_s,
+        verdict = judge(proxy_idle_s=args.proxy_idle, upstream_close_s=result.earliest_close_s,
                         max_idle_s=args.max_idle, margin_s=args.margin,
                         closes_on_next_request=result.closes_on_next_request,
                         keeps_alive=result.keeps_alive)

@@ -129,7 +129,7 @@ class ProbeResult:
         return self.closes_s[0] if self.closes_s else None
 
     @property
-    def effective_close_s(self) -> float | None:
+    def earliest_close_s(self) -> float | None:
         """The close time to plan with: the measured one, unless a connection reused
         earlier was already dropped (gunicorn sweeps expired connections about once a
         second, so it can close at 1.1 s yet refuse reuse at 1.0 s)."""
@@ -160,7 +160,7 @@ class ProbeResult:
             "idle_close_s": _round(self.idle_close_s),
             "idle_close_median_s": _round(statistics.median(closes)) if closes else None,
             "idle_close_max_s": _round(closes[-1]) if closes else None,
-            "effective_close_s": _round(self.effective_close_s),
+            "earliest_close_s": _round(self.earliest_close_s),
             "close_kind": self.close_kind,
             "closes_on_next_request": self.closes_on_next_request,
             "keeps_alive": self.keeps_alive,

@@ -235,7 +235,7 @@ class SidecarAPI:
         except TunerError as exc:
             return _json(400, {"error": str(exc)})
         document = result.as_json()
-        document["effective_close_s"] = result.effective_close_s
+        document["earliest_close_s"] = result.earliest_close_s
         return _json(200, document)
 
 

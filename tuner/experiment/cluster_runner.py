@@ -336,7 +336,7 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
         measured = sidecar_get(urls[0], "/probe", timeout_s=max_idle_s + 60,
                                token=cluster.sidecar_token(), samples=PROBE_SAMPLES,
                                max_idle=f"{max_idle_s:g}s")
-        close_s = measured.get("effective_close_s")
+        close_s = measured.get("earliest_close_s")
         trial = trial.with_(upstream_close_s=close_s,
                             upstream_advertised_s=measured.get("advertised_s"),
                             close_kind=measured.get("close_kind"), n_pods=len(urls))

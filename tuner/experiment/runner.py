@@ -265,9 +265,9 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
                              max_idle_s=max_idle_s, on_progress=_stop_on(cancel))
         except ProbeError as exc:
             raise InvalidTrial(f"probing the upstream failed: {exc}") from exc
-        if probed is not None and measured.effective_close_s is not None:
+        if probed is not None and measured.earliest_close_s is not None:
             probed[key.upstream_idle_s] = measured
-    close_s = measured.effective_close_s
+    close_s = measured.earliest_close_s
     trial = trial.with_(upstream_close_s=close_s, upstream_advertised_s=measured.advertised_s,
                         close_kind=measured.close_kind, proxy_lifetime_s=proxy_lifetime_s)
     if key.control:

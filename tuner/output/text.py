@@ -40,8 +40,8 @@ def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
         lines.append(f"  window      {result.window.note}"
                      + (f" (reused after {result.window.reused_at_idle_s:.3f} s idle)"
                         if result.window.reused_at_idle_s is not None else ""))
-    if result.effective_close_s is not None and result.effective_close_s != result.idle_close_s:
-        lines.append(f"  plan with   {result.effective_close_s:.3f} s")
+    if result.earliest_close_s is not None and result.earliest_close_s != result.idle_close_s:
+        lines.append(f"  plan with   {result.earliest_close_s:.3f} s")
     if verdict is not None:
         lines.append(f"  verdict     {verdict.status.upper()}: {verdict.message}")
     lines.append(f"  took        {result.elapsed_s:.1f} s")

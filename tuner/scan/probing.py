@@ -68,7 +68,7 @@ def probe_one(job: ProbeJob, *, n_samples: int, answer_timeout_s: float) -> Prob
         status, detail = _classify(exc, target.host, target.port, answer_timeout_s)
         return ProbeOutcome(job.key, status, detail, time.monotonic() - started)
     return ProbeOutcome(job.key, MEASURED, "", time.monotonic() - started,
-                        close_s=result.effective_close_s,
+                        close_s=result.earliest_close_s,
                         closes_on_next_request=result.closes_on_next_request,
                         keeps_alive=result.keeps_alive)
 
