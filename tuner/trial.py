@@ -59,6 +59,12 @@ class Trial:
     upstream_close_s: float | None = None
     upstream_advertised_s: float | None = None
     close_kind: str | None = None
+    #: the upstream closes idle connections by a periodic sweep (tuner.probe): any
+    #: connection idle past `upstream_close_s` may go at the next sweep, so a load shaped for
+    #: one close instant meets the race only when a burst meets a sweep (None: not measured)
+    closes_by_sweep: bool | None = None
+    #: the sweep's period as the probe measured it (None: no sweep, or not measured)
+    sweep_period_s: float | None = None
     #: the longest an idle connection lived in the proxy's pool at this setting, measured
     #: against an upstream that never closes (None: not measured, the setting is used)
     proxy_lifetime_s: float | None = None
