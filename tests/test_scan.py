@@ -270,8 +270,9 @@ def test_each_data_plane_is_fixed_in_its_own_syntax(plane: str, fix: str) -> Non
     [target], _ = pod_targets([route], backend("web", [("p", "rs", "10.0.0.1")]))
     setting = IdleSetting(plane, 60.0, "x", config_ref="ingress-nginx/c")
     plan = audit.plan(target, setting, max_idle_s=120)
-    assert plan.max_idle_s == 67  # just enough to call a pod still open safe behind 60 s
-    found = audit.finding(plan, measured(5.5, limit_s=67))
+    # just enough to call a pod still open safe behind 60 s (67 s), and time for a sweep
+    assert plan.max_idle_s == 67 + audit.SWEEP_WAIT_S
+    found = audit.finding(plan, measured(5.5, limit_s=77))
     assert found.verdict == "unsafe" and found.slack_s == pytest.approx(-54.5)
     assert found.fix_proxy == fix
     assert found.fix_app.startswith("make the app keep idle connections at least 67s")
@@ -281,7 +282,7 @@ def test_still_open_at_the_limit_is_safe_and_unknown_planes_only_measure() -> No
     route = route_of(ingress("web", "web"))
     [target], _ = pod_targets([route], backend("web", [("p", "rs", "10.0.0.1")]))
     plan = audit.plan(target, IdleSetting("ingress-nginx", 60.0, "x"), max_idle_s=120)
-    assert audit.finding(plan, measured(None, limit_s=67)).verdict == "safe"
+    assert audit.finding(plan, measured(None, limit_s=77)).verdict == "safe"
     long_pool = audit.plan(target, IdleSetting("envoy-gateway", 3600.0, "x"), max_idle_s=120)
     assert long_pool.max_idle_s == 120
     assert audit.finding(long_pool, measured(None, limit_s=120)).verdict == "inconclusive"

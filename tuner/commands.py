@@ -111,7 +111,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     if not args.json:
         print(f"probing {args.url} with {args.samples} connections (up to "
-              f"{format_seconds(args.max_idle)} idle) ...", flush=True)
+              f"{format_seconds(args.max_idle)} idle), and more at staggered instants until "
+              "the first close, to tell a timer from a sweep ...", flush=True)
     result = probe(target, n_samples=args.samples, max_idle_s=args.max_idle,
                    on_progress=progress if show_progress else None)
     if show_progress:
@@ -121,7 +122,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         verdict = judge(proxy_idle_s=args.proxy_idle, upstream_close_s=result.earliest_close_s,
                         max_idle_s=args.max_idle, margin_s=args.margin,
                         closes_on_next_request=result.closes_on_next_request,
-                        keeps_alive=result.keeps_alive)
+                        keeps_alive=result.keeps_alive, closes_by_sweep=result.closes_by_sweep,
+                        sweep_period_s=result.sweep_period_s)
     if args.json:
         document = result.as_json()
         if verdict is not None:

@@ -5,10 +5,19 @@ answered in full, then the socket is watched until the server closes it (FIN: re
 b""; RST: ECONNRESET). The time from the end of the response to that moment is the real idle
 close time; Node 20 advertises `timeout=2` for keepAliveTimeout=2000 and closes after 3.0 s.
 
-All samples are watched together in one selector loop, so the wall time is one idle period,
-and close times are stamped the moment the loop sees them (no thread hand-offs). One extra
-connection, answered `stagger_s` after the samples, is reused the instant the first sample
-closes: its idle age is then just under the measured close time, and it must be served.
+All samples are watched together in one selector loop, and close times are stamped the
+moment the loop sees them (no thread hand-offs). One extra connection, answered `stagger_s`
+after the samples, is reused the instant the first sample closes: its idle age is then just
+under the measured close time, and it must be served.
+
+Some servers close by a periodic sweep instead of a timer per connection, and then the
+samples, answered together, all see one phase of it (a 2 s setting swept every 10 s closed
+them after anything from 2 to 12 s). So while the samples wait, more connections are
+answered at staggered instants, ever further apart, until the first close: every sweep then
+meets connections of many ages, and `tuner.analysis.closes` reads the rule from which of them
+it closed. The probe ends at the second close instant after the samples' (a timer server: a
+moment after the first; a sweep: one period later), so it costs one idle period plus, for a
+sweeping server, one sweep period.
 """
 
 from __future__ import annotations
@@ -25,11 +34,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from tuner.analysis.closes import SAME_INSTANT_S, CloseRule, Observed, infer_close_rule
 from tuner.errors import ConfigError, ProbeError
 
 #: The window check's connection is answered this long after the samples, so when the first
 #: sample closes it has been idle this much less than the measured close time.
 DEFAULT_STAGGER_S = 0.1
+#: Staggered connections: the first this long after the samples, then each this far after
+#: the last or `STAGGER_GROWTH_RATE` of the time since the samples, whichever is longer. A
+#: sweep then meets connections whose ages differ by at most 5 % of its period (0.5 s at a
+#: 10 s sweep), and a probe of a server that closes after 60 s holds about 100 connections.
+STAGGER_MIN_SPACING_S = 0.05
+STAGGER_GROWTH_RATE = 0.05
+#: at most this many staggered connections per probe (file descriptors, the server's limits)
+MAX_STAGGERED = 150
 CONNECT_TIMEOUT_S = 10.0
 RESPONSE_TIMEOUT_S = 10.0
 _BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -115,6 +133,10 @@ class ProbeResult:
     max_idle_s: float
     #: False when the server closed after its response (Connection: close, HTTP/1.0)
     keeps_alive: bool = True
+    #: the close rule read from the samples and the staggered connections together
+    rule: CloseRule | None = None
+    #: how many staggered connections were answered besides the samples
+    n_staggered: int = 0
 
     @property
     def closes_s(self) -> list[float]:
@@ -129,12 +151,23 @@ class ProbeResult:
         return self.closes_s[0] if self.closes_s else None
 
     @property
+    def closes_by_sweep(self) -> bool:
+        return self.rule is not None and self.rule.closes_by_sweep
+
+    @property
+    def sweep_period_s(self) -> float | None:
+        return self.rule.sweep_period_s if self.rule is not None else None
+
+    @property
     def earliest_close_s(self) -> float | None:
-        """The close time to plan with: the measured one, unless a connection reused
-        earlier was already dropped (gunicorn sweeps expired connections about once a
-        second, so it can close at 1.1 s yet refuse reuse at 1.0 s)."""
+        """The earliest idle age at which the server may close a connection, to plan with:
+        the youngest close seen, or, for a server that sweeps, the oldest age a sweep was
+        seen to leave open; earlier still if a connection reused earlier was dropped
+        (gunicorn sweeps expired connections about once a second, so it can close at 1.1 s
+        yet refuse reuse at 1.0 s)."""
         window = self.window
-        candidates = [self.idle_close_s]
+        candidates = [self.idle_close_s,
+                      self.rule.earliest_close_s if self.rule is not None else None]
         if window is not None:
             candidates.append(window.closed_first_idle_s)
             if not window.served:
@@ -161,6 +194,13 @@ class ProbeResult:
             "idle_close_median_s": _round(statistics.median(closes)) if closes else None,
             "idle_close_max_s": _round(closes[-1]) if closes else None,
             "earliest_close_s": _round(self.earliest_close_s),
+            "closes_by_sweep": self.closes_by_sweep,
+            "sweep_period_s": _round(self.sweep_period_s),
+            "sweep": None if self.rule is None else {
+                "youngest_close_s": _round(self.rule.youngest_close_s),
+                "oldest_survivor_s": _round(self.rule.oldest_survivor_s),
+                "n_close_instants": len(self.rule.close_instants),
+                "n_staggered": self.n_staggered},
             "close_kind": self.close_kind,
             "closes_on_next_request": self.closes_on_next_request,
             "keeps_alive": self.keeps_alive,
@@ -303,7 +343,7 @@ def _reuse(conn: _Conn) -> tuple[bool, int | None]:
 
 
 def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
-          stagger_s: float = DEFAULT_STAGGER_S,
+          stagger_s: float = DEFAULT_STAGGER_S, max_staggered: int = MAX_STAGGERED,
           on_progress: Callable[[float, int], None] | None = None,
           deadline_s: float | None = None, connect_timeout_s: float = CONNECT_TIMEOUT_S,
           answer_timeout_s: float = RESPONSE_TIMEOUT_S) -> ProbeResult:
@@ -311,13 +351,16 @@ def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
     With `deadline_s`, the whole probe ends within that (a ProbeError if it could not
     finish), however slowly the server answers. `connect_timeout_s` and `answer_timeout_s`
     bound each connect and each answer (a scan of many pods lowers them so one silent pod
-    costs seconds, not the default ten)."""
+    costs seconds, not the default ten). `max_staggered`: the most staggered connections
+    (0: none, then a sweeping server is seen in one phase only)."""
     if n_samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {n_samples}")
     started = time.monotonic()
     until = math.inf if deadline_s is None else started + deadline_s
     conns: list[_Conn] = []
     checker: _Conn | None = None
+    stagger = _Stagger(target, until=until, max_conns=max_staggered,
+                       connect_timeout_s=connect_timeout_s, answer_timeout_s=answer_timeout_s)
     try:
         options = {"connect_timeout_s": connect_timeout_s, "answer_timeout_s": answer_timeout_s}
         for _ in range(n_samples):
@@ -331,23 +374,68 @@ def probe(target: ProbeTarget, *, n_samples: int = 5, max_idle_s: float = 600.0,
                 elapsed_s=time.monotonic() - started, max_idle_s=max_idle_s, keeps_alive=False)
         time.sleep(stagger_s)
         checker.exchange()
-        window = _watch(conns, checker, max_idle_s=max_idle_s, on_progress=on_progress)
+        window = _watch(conns, checker, stagger, max_idle_s=max_idle_s,
+                        on_progress=on_progress)
         for conn in conns:
             if conn.closed_at is None:
                 served, _ = _reuse(conn)
                 conn.close_kind = "none" if served else "on_next_request"
+        observed = [Observed(c.answered_at, c.closed_at) for c in (*conns, *stagger.conns)
+                    if c.answered_at is not None]
         return ProbeResult(url=target.url, samples=[c.sample() for c in conns], window=window,
-                           elapsed_s=time.monotonic() - started, max_idle_s=max_idle_s)
+                           elapsed_s=time.monotonic() - started, max_idle_s=max_idle_s,
+                           rule=infer_close_rule(observed), n_staggered=len(stagger.conns))
     finally:
-        for conn in conns:
+        for conn in (*conns, *stagger.conns):
             conn.close()
         if checker is not None:
             checker.close()
 
 
-def _watch(conns: list[_Conn], checker: _Conn, *, max_idle_s: float,
+class _Stagger:
+    """The staggered connections: answered one at a time, ever further apart, from the
+    samples until the first close (see STAGGER_GROWTH_RATE)."""
+
+    def __init__(self, target: ProbeTarget, *, until: float, max_conns: int,
+                 connect_timeout_s: float, answer_timeout_s: float) -> None:
+        self.target = target
+        self.until = until
+        self.max_conns = max_conns
+        self.options = {"connect_timeout_s": connect_timeout_s,
+                        "answer_timeout_s": answer_timeout_s}
+        self.conns: list[_Conn] = []
+        self.origin = 0.0
+        self.next_at = math.inf
+        self.open = 0
+
+    def start(self, origin: float) -> None:
+        self.origin = origin
+        self.next_at = origin + STAGGER_MIN_SPACING_S if self.max_conns > 0 else math.inf
+
+    def stop(self) -> None:
+        self.next_at = math.inf
+
+    def open_one(self, selector: selectors.BaseSelector) -> None:
+        """Answer one more connection now and watch it; the blocking round trip takes about
+        a millisecond on loopback (closes seen meanwhile are stamped when it returns)."""
+        conn = _Conn(self.target, until=self.until, **self.options)
+        self.conns.append(conn)
+        conn.exchange()
+        conn.sock.setblocking(False)
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+        self.open += 1
+        now = time.monotonic()
+        if len(self.conns) >= self.max_conns:
+            self.stop()
+        else:
+            self.next_at = now + max(STAGGER_MIN_SPACING_S,
+                                     STAGGER_GROWTH_RATE * (now - self.origin))
+
+
+def _watch(conns: list[_Conn], checker: _Conn, stagger: _Stagger, *, max_idle_s: float,
            on_progress: Callable[[float, int], None] | None) -> WindowCheck | None:
-    """Wait for every sample to close (or reach `max_idle_s`); reuse `checker` at the first.
+    """Wait for every sample to close (or reach `max_idle_s`) and for a second close
+    instant; reuse `checker` at the first close; answer the staggered connections until then.
 
     Every ready socket of a wake-up is stamped before anything else is done, and the reuse
     is sent without blocking and its answer read from the same loop, so no close is
@@ -360,17 +448,28 @@ def _watch(conns: list[_Conn], checker: _Conn, *, max_idle_s: float,
     first_answer = min(c.answered_at for c in conns if c.answered_at is not None)
     deadline = first_answer + max_idle_s
     check = _WindowCheckInFlight(checker)
+    stagger.start(time.monotonic())
     n_open = len(conns)
+    first_close_at: float | None = None
+    #: when the second close instant has been seen in full (its group's last closes stamped)
+    rule_seen_at = math.inf
     next_progress = time.monotonic() + 1.0
     try:
         while True:
             now = time.monotonic()
-            samples_done = n_open == 0 or now >= deadline
+            # a timer server's second close instant comes a moment after the first (the
+            # next staggered connection); a sweeping server's, one sweep period later
+            rule_seen = now >= rule_seen_at or stagger.open == 0
+            samples_done = (n_open == 0 and rule_seen) or now >= deadline
             if samples_done and check.is_done(now):
                 break
             if now >= checker.until:
                 raise _deadline_passed(checker.target)
-            until = min(check.reply_deadline if samples_done else deadline, checker.until)
+            if now >= stagger.next_at:
+                stagger.open_one(selector)
+                continue
+            until = min(check.reply_deadline if samples_done else deadline, checker.until,
+                        stagger.next_at, rule_seen_at)
             for key, _ in selector.select(timeout=min(1.0, max(0.0, until - now))):
                 watched: _Conn = key.data
                 if watched is checker:
@@ -378,7 +477,19 @@ def _watch(conns: list[_Conn], checker: _Conn, *, max_idle_s: float,
                         selector.unregister(checker.sock)
                 elif watched.poll_closed():
                     selector.unregister(watched.sock)
-                    n_open -= 1
+                    assert watched.closed_at is not None
+                    if watched in stagger.conns:
+                        stagger.open -= 1
+                    else:
+                        n_open -= 1
+                    if first_close_at is None:
+                        first_close_at = watched.closed_at
+                        stagger.stop()
+                    elif (watched.closed_at > first_close_at + SAME_INSTANT_S
+                          and rule_seen_at == math.inf):
+                        # the rest of this sweep's closes are stamped before the end, or
+                        # they would count as connections it left open
+                        rule_seen_at = watched.closed_at + SAME_INSTANT_S
             if n_open < len(conns) and not check.started:
                 check.reuse_now()
             if on_progress is not None and time.monotonic() >= next_progress:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from tuner.analysis.intervals import upper_bound
 from tuner.analysis.stopping import StopRule, decide
-from tuner.analysis.verdict import default_margin_s
+from tuner.analysis.verdict import default_margin_s, sweep_text
 from tuner.trial import Trial
 
 #: bursts written over more than this (median) cannot be trusted to hit the race window
@@ -92,6 +92,17 @@ class Control:
             return cls(True, f"the control (proxy idle {control.proxy_idle_s:g}s, margin "
                              f"{keeps}) raced: {control.n_race} races in {control.n_reused} "
                              "reused requests, so this load can show the race here")
+        if control.closes_by_sweep and control.upstream_close_s is not None:
+            # A sweep closes at its own instants, not at an idle age: a burst races only if
+            # it meets one within the race window (a few ms of a period of seconds), so a
+            # control that saw nothing proves nothing about the load, and the cells rest on
+            # the mechanism the probe measured (a sweep left connections this old open).
+            rule = sweep_text(control.upstream_close_s, control.sweep_period_s)
+            return cls(None, f"the upstream {rule}: a load aimed at one close instant meets "
+                             f"the race only when a burst meets a sweep (the control saw none "
+                             f"in {control.n_reused} reused requests), so the verdicts rest "
+                             "on the mechanism: past that age unsafe, below it by the margin "
+                             "safe once its own load saw no race")
         spread = (f"; burst spread median {control.burst_spread_ms_median:.0f} ms, p95 "
                   f"{control.burst_spread_ms_p95 or 0:.0f} ms"
                   if control.burst_spread_ms_median is not None else "")
@@ -124,6 +135,12 @@ def judge_trial(trial: Trial, *, rule: StopRule, control: Control,
                     and trial.proxy_lifetime_s > trial.proxy_idle_s else "its setting")
         where = (f"{-margin:.1f} s past the measured close" if margin <= 0
                  else f"until {margin * 1000:.0f} ms before the measured close, which is at it")
+        if trial.closes_by_sweep and trial.upstream_close_s is not None:
+            sweeps = sweep_text(trial.upstream_close_s, trial.sweep_period_s)
+            return trial.with_(verdict="unsafe", verdict_text=(
+                f"no race in {n_reused} requests, but the proxy keeps connections {where} "
+                f"({measured}) and the upstream {sweeps}: a race whenever a burst meets a "
+                "sweep, which this load's bursts did not"))
         return trial.with_(verdict="unsafe", verdict_text=(
             f"no race in {n_reused} requests, but the proxy keeps connections {where} "
             f"({measured}): a rare race this load did not catch"))
@@ -154,6 +171,8 @@ def judge_trial(trial: Trial, *, rule: StopRule, control: Control,
     recommended_s = (default_margin_s(trial.upstream_close_s or 0.0) if margin_s is None
                      else margin_s)
     if margin is not None and margin < recommended_s - _EPSILON_S:
-        text = (f"safe here; margin {margin:.3g} s is below the {recommended_s:.3g} s we "
-                f"recommend: {text}")
+        # to the millisecond, rounded down: "margin 1 s is below the 1 s" (0.9996 s) was
+        # false as read
+        text = (f"safe here; margin {math.floor(margin * 1000) / 1000:.3f} s is below the "
+                f"{recommended_s:.3g} s we recommend: {text}")
     return trial.with_(verdict="safe", verdict_text=text)

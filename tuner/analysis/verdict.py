@@ -65,13 +65,22 @@ class Verdict:
     message: str
 
 
+def sweep_text(close_s: float, sweep_period_s: float | None) -> str:
+    """How a sweeping upstream closes, in words (pure)."""
+    every = f", every {sweep_period_s:.1f} s" if sweep_period_s is not None else ""
+    return (f"closes any connection idle past {close_s:.2f} s at its next sweep{every}")
+
+
 def judge(*, proxy_idle_s: float, upstream_close_s: float | None, max_idle_s: float,
           closes_on_next_request: bool = False, keeps_alive: bool = True,
-          margin_s: float | None = None) -> Verdict:
+          margin_s: float | None = None, closes_by_sweep: bool = False,
+          sweep_period_s: float | None = None) -> Verdict:
     """Judge a proxy idle timeout against a probe's result.
 
     `upstream_close_s` is None when the upstream did not close within `max_idle_s`;
-    `closes_on_next_request` when it kept the socket open but dropped a request sent on it.
+    `closes_on_next_request` when it kept the socket open but dropped a request sent on it;
+    `closes_by_sweep` when it closes by a periodic sweep (`upstream_close_s` is then the
+    earliest idle age a sweep may close at, and only the words change).
     """
     upstream_min_s = smallest_safe_upstream_close_s(proxy_idle_s, margin_s)
     if not keeps_alive:
@@ -99,17 +108,23 @@ def judge(*, proxy_idle_s: float, upstream_close_s: float | None, max_idle_s: fl
                        f"{format_seconds(upstream_min_s + margin)}")
     margin = default_margin_s(upstream_close_s) if margin_s is None else margin_s
     proxy_max_s = largest_safe_proxy_idle_s(upstream_close_s, margin)
-    closes = f"{upstream_close_s:.1f} s"
+    if closes_by_sweep:
+        rule = sweep_text(upstream_close_s, sweep_period_s)
+        closes = f"the upstream {rule}"
+        before = f"the earliest the upstream may close them (it {rule})"
+    else:
+        closes = f"the upstream closes them after {upstream_close_s:.1f} s"
+        before = f"the upstream closes them ({upstream_close_s:.1f} s)"
     if proxy_idle_s <= upstream_close_s - margin + _EPSILON_S:
         return Verdict("safe", proxy_idle_s, upstream_close_s, margin, proxy_max_s,
                        upstream_min_s,
                        f"the proxy gives up idle connections after "
                        f"{format_seconds(proxy_idle_s)}, at least {format_seconds(margin)} "
-                       f"before the upstream closes them ({closes})")
+                       f"before {before}")
     fix = (f"set the proxy's idle timeout to at most {format_seconds(proxy_max_s)}, or "
            if proxy_max_s is not None else "")
     return Verdict("unsafe", proxy_idle_s, upstream_close_s, margin, proxy_max_s,
                    upstream_min_s,
                    f"proxy keeps idle upstream connections {format_seconds(proxy_idle_s)} but "
-                   f"the upstream closes them after {closes}: {fix}make the upstream keep them "
+                   f"{closes}: {fix}make the upstream keep them "
                    f"at least {format_seconds(upstream_min_s)} (as measured by a probe)")

@@ -339,7 +339,9 @@ def cluster_trial(cluster: Cluster, spec: ExperimentSpec, key: TrialKey, *,
         close_s = measured.get("earliest_close_s")
         trial = trial.with_(upstream_close_s=close_s,
                             upstream_advertised_s=measured.get("advertised_s"),
-                            close_kind=measured.get("close_kind"), n_pods=len(urls))
+                            close_kind=measured.get("close_kind"), n_pods=len(urls),
+                            closes_by_sweep=measured.get("closes_by_sweep"),
+                            sweep_period_s=measured.get("sweep_period_s"))
         if key.control:
             if close_s is None:
                 raise InvalidTrial("the app never closed an idle connection: there is no "

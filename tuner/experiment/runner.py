@@ -38,6 +38,7 @@ from tuner import __version__
 from tuner.analysis.budget import LoadShape
 from tuner.durations import format_seconds
 from tuner.errors import Cancelled, ConfigError, ProbeError
+from tuner.experiment.preflight import preflight_experiment
 from tuner.experiment.spec import ExperimentSpec
 from tuner.experiment.trials import (
     PROBE_SAMPLES,
@@ -162,6 +163,8 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
         if plan.todo:
             probed: dict[float, ProbeResult] = {}
             first = plan.todo[0]
+            # refuses (exit 2) an upstream that does not serve the request: before any trial
+            preflight_experiment(spec, upstream_idle_s=first.upstream_idle_s, say=say)
             n_labs = max(1, min(spec.parallel, len(plan.todo)))
             cancel = threading.Event()
             with contextlib.ExitStack() as labs:
@@ -179,7 +182,7 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
                         proxy=spec.proxy, upstream=upstream_from(spec.upstream,
                                                                  spec.upstream_cmd),
                         proxy_idle_s=max(spec.proxy_idle_s),
-                        upstream_idle_s=first.upstream_idle_s)))
+                        upstream_idle_s=first.upstream_idle_s, upstream_host=spec.host)))
 
                 def run_one(key: TrialKey) -> Trial:
                     lifetime_s = (None if key.control
@@ -269,7 +272,9 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
             probed[key.upstream_idle_s] = measured
     close_s = measured.earliest_close_s
     trial = trial.with_(upstream_close_s=close_s, upstream_advertised_s=measured.advertised_s,
-                        close_kind=measured.close_kind, proxy_lifetime_s=proxy_lifetime_s)
+                        close_kind=measured.close_kind, proxy_lifetime_s=proxy_lifetime_s,
+                        closes_by_sweep=measured.closes_by_sweep,
+                        sweep_period_s=measured.sweep_period_s)
     if key.control:
         if close_s is None:
             raise InvalidTrial("the upstream never closed an idle connection: there is no "

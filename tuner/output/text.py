@@ -40,8 +40,24 @@ def render_probe(result: ProbeResult, verdict: Verdict | None) -> str:
         lines.append(f"  window      {result.window.note}"
                      + (f" (reused after {result.window.reused_at_idle_s:.3f} s idle)"
                         if result.window.reused_at_idle_s is not None else ""))
+    rule = result.rule
+    if rule is not None and rule.closes_by_sweep:
+        every = (f"every {rule.sweep_period_s:.2f} s" if rule.sweep_period_s is not None
+                 else "its period not seen (one sweep within --max-idle)")
+        survivor = (f"a sweep left one idle {rule.oldest_survivor_s:.3f} s open"
+                    if rule.oldest_survivor_s is not None else "no sweep left one open")
+        lines.append(f"  sweep       the server closes idle connections by a SWEEP, {every}: "
+                     f"connections answered at {result.n_staggered} staggered instants closed "
+                     f"together; the youngest closed after {rule.youngest_close_s or 0:.3f} s "
+                     f"idle, {survivor}. Any connection idle past that may go at the next "
+                     "sweep, whatever the samples' own close")
+    elif rule is not None and result.n_staggered:
+        lines.append(f"  timer       {result.n_staggered} connections answered at staggered "
+                     "instants each closed at its own idle age: a timer per connection, no "
+                     "sweep")
     if result.earliest_close_s is not None and result.earliest_close_s != result.idle_close_s:
-        lines.append(f"  plan with   {result.earliest_close_s:.3f} s")
+        lines.append(f"  plan with   {result.earliest_close_s:.3f} s (the earliest idle age at "
+                     "which it may close a connection)")
     if verdict is not None:
         lines.append(f"  verdict     {verdict.status.upper()}: {verdict.message}")
     lines.append(f"  took        {result.elapsed_s:.1f} s")

@@ -5,7 +5,8 @@ Design decision: how long to watch each pod follows from its route's setting: ju
 enough for `judge` to call a pod that has not closed yet safe (`smallest_safe_upstream_close_s`
 of the proxy's idle timeout), never longer than --max-idle. Behind a 60 s ingress-nginx
 that is 67 s; behind a 1 h Envoy pool it is --max-idle, and a pod still open then is
-"inconclusive", with the limit that would settle it.
+"inconclusive", with the limit that would settle it. Plus `SWEEP_WAIT_S`: a pod still open
+at that age may be one that closes by a sweep (tuner.probe) whose next sweep has not come.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from tuner.scan.outcome import MEASURED, ProbeOutcome
 
 #: app protocols the HTTP/1.1 probe cannot speak (Service port appProtocol, ingress-nginx
 #: backend-protocol): listed, not probed
+#: how much longer than "long enough to call it safe" a pod is watched: a server that closes
+#: by a periodic sweep closes a connection at any age up to its setting plus the period, so
+#: a pod open at the limit is safe only if no sweep was due; sweeps of up to this period
+#: are seen (gunicorn's is 1 s; the slowest seen here swept every 10 s)
+SWEEP_WAIT_S = 10.0
 HTTP2_PROTOCOLS = {"kubernetes.io/h2c", "h2c", "grpc", "grpcs", "http2"}
 BACKEND_PROTOCOL = "nginx.ingress.kubernetes.io/backend-protocol"
 UPSTREAM_VHOST = "nginx.ingress.kubernetes.io/upstream-vhost"
@@ -69,6 +75,10 @@ class Finding:
     fix_proxy: str = ""
     fix_app: str = ""
     n_same_owner: int = 1
+    #: the pod closes idle connections by a periodic sweep (`upstream_close_s` is then the
+    #: earliest idle age a sweep may close one at)
+    closes_by_sweep: bool = False
+    sweep_period_s: float | None = None
 
     @property
     def is_exposed(self) -> bool:
@@ -91,7 +101,7 @@ def plan(target: PodTarget, setting: IdleSetting, *, max_idle_s: float,
     limit_s = max_idle_s
     if setting.proxy_idle_s is not None:
         limit_s = min(max_idle_s, smallest_safe_upstream_close_s(setting.proxy_idle_s,
-                                                                 margin_s))
+                                                                 margin_s) + SWEEP_WAIT_S)
     host = route.annotations.get(UPSTREAM_VHOST, "") if route.kind == "Ingress" else ""
     if not host and route.host and not route.host.startswith("*"):
         host = route.host
@@ -123,7 +133,8 @@ def finding(plan_: Plan, outcome: ProbeOutcome | None, *, margin_s: float | None
         return replace(base, probe=outcome.status, message=outcome.detail)
     close_s = outcome.close_s
     base = replace(base, probe=MEASURED, upstream_close_s=close_s,
-                   probed_for_s=plan_.max_idle_s)
+                   probed_for_s=plan_.max_idle_s, closes_by_sweep=outcome.closes_by_sweep,
+                   sweep_period_s=outcome.sweep_period_s)
     if setting.proxy_idle_s is None:
         message = (f"closes idle connections after {close_s:.1f} s; the data plane's idle "
                    "timeout is unknown: give --proxy-idle" if close_s is not None else
@@ -133,7 +144,8 @@ def finding(plan_: Plan, outcome: ProbeOutcome | None, *, margin_s: float | None
     verdict = judge(proxy_idle_s=setting.proxy_idle_s, upstream_close_s=close_s,
                     max_idle_s=plan_.max_idle_s, margin_s=margin_s,
                     closes_on_next_request=outcome.closes_on_next_request,
-                    keeps_alive=outcome.keeps_alive)
+                    keeps_alive=outcome.keeps_alive, closes_by_sweep=outcome.closes_by_sweep,
+                    sweep_period_s=outcome.sweep_period_s)
     fix_proxy = fix_app = ""
     if verdict.status == "unsafe":
         if verdict.max_safe_proxy_idle_s is not None:

@@ -22,3 +22,6 @@ class ProbeOutcome:
     close_s: float | None = None
     closes_on_next_request: bool = False
     keeps_alive: bool = True
+    #: the pod closes by a periodic sweep: `close_s` is then the earliest age it may close at
+    closes_by_sweep: bool = False
+    sweep_period_s: float | None = None

@@ -58,7 +58,9 @@ def probe_all(jobs: Sequence[ProbeJob], *, concurrency: int, n_samples: int,
 
 def probe_one(job: ProbeJob, *, n_samples: int, answer_timeout_s: float) -> ProbeOutcome:
     started = time.monotonic()
-    target = parse_target(job.url, host_header=job.host_header, verify_tls=job.verify_tls)
+    # a route without a host name: the URL's own address is the Host header
+    target = parse_target(job.url, host_header=job.host_header or None,
+                          verify_tls=job.verify_tls)
     try:
         result = probe(target, n_samples=n_samples, max_idle_s=job.max_idle_s,
                        connect_timeout_s=answer_timeout_s, answer_timeout_s=answer_timeout_s,
@@ -70,7 +72,8 @@ def probe_one(job: ProbeJob, *, n_samples: int, answer_timeout_s: float) -> Prob
     return ProbeOutcome(job.key, MEASURED, "", time.monotonic() - started,
                         close_s=result.earliest_close_s,
                         closes_on_next_request=result.closes_on_next_request,
-                        keeps_alive=result.keeps_alive)
+                        keeps_alive=result.keeps_alive, closes_by_sweep=result.closes_by_sweep,
+                        sweep_period_s=result.sweep_period_s)
 
 
 def pod_deadline_s(max_idle_s: float, *, n_samples: int, answer_timeout_s: float) -> float:
