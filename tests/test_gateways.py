@@ -81,8 +81,11 @@ def test_objects_match_the_crds() -> None:
 def test_bad_inputs_name_the_value() -> None:
     with pytest.raises(ConfigError, match="--host 'Not A Host'"):
         destination_rule(proxy_idle_s=1, name="x", namespace="shop", host="Not A Host")
-    with pytest.raises(ConfigError, match="needs the app's host"):
+    with pytest.raises(ConfigError, match="needs the app's host") as missing:
         destination_rule(proxy_idle_s=1, name="x", namespace="shop", host=None)
+    # the flag is named, not the value Python gave it ("--host None:")
+    assert str(missing.value).startswith("-o destinationrule needs --host")
+    assert "None" not in str(missing.value)
     with pytest.raises(ConfigError, match="--target-ref 'Service/x'"):
         parse_target_ref("Service/x")
     with pytest.raises(ConfigError, match="give --target-ref"):

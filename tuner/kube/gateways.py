@@ -80,10 +80,13 @@ def _metadata(name: str, namespace: str, annotations: Mapping[str, str]) -> dict
 def destination_rule(*, proxy_idle_s: float, name: str, namespace: str, host: str | None,
                      annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
     """An Istio DestinationRule setting the sidecars' / gateways' idle timeout to `host`."""
-    if not host or not _HOST.match(host) or len(host) > 253:
-        raise ConfigError(f"--host {host!r}: a DestinationRule needs the app's host, a DNS name "
-                          "such as checkout.shop.svc.cluster.local (or checkout, short for the "
-                          "namespace's Service)")
+    example = ("a DNS name such as checkout.shop.svc.cluster.local (or checkout, short for "
+               "the namespace's Service)")
+    if not host:
+        raise ConfigError(f"-o destinationrule needs --host: a DestinationRule needs the app's "
+                          f"host, {example}")
+    if not _HOST.match(host) or len(host) > 253:
+        raise ConfigError(f"--host {host!r}: a DestinationRule needs the app's host, {example}")
     return {
         "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
         "metadata": _metadata(name, namespace, annotations or {}),
