@@ -180,3 +180,31 @@ def test_scan_calls_a_pod_that_sweeps_unsafe_behind_a_longer_pool(sweeping: int)
     found = audit.finding(plan, outcome)
     assert found.closes_by_sweep and found.verdict == "unsafe", found
     assert found.upstream_close_s is not None and found.upstream_close_s <= 2.02
+
+
+@pytest.mark.slow
+def test_experiment_and_recommendation_on_a_sweeping_server(tmp_path: Path,
+                                                             sweeping: int) -> None:
+    """The whole experiment through real nginx: the cell past the sweep's threshold is
+    unsafe by the mechanism (no burst met a sweep), the cell below it safe, and the
+    recommendation, tried by staggered raw reuse against the same server, drops nothing."""
+    db = tmp_path / "sweep.db"
+    out = subprocess.run([*TUNER, "experiment", "--proxy", "nginx", "--upstream-cmd",
+                          sweep_command(), "--proxy-idle", "800ms,3s", "--upstream-idle", "2s",
+                          "--db", str(db), "--json"], capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr
+    trials = {("control" if t["control"] else t["proxy_idle_s"]): t
+              for t in json.loads(out.stdout)["trials"]}
+    for trial in trials.values():
+        assert trial["closes_by_sweep"] is True, trial
+        assert 1.6 <= trial["upstream_close_s"] <= 2.02, trial
+    assert trials[3.0]["verdict"] == "unsafe" and "sweep" in trials[3.0]["verdict_text"]
+    assert trials[0.8]["verdict"] == "safe", trials[0.8]
+    assert "rest on the mechanism" in trials[0.8]["verdict_text"]
+    rec = subprocess.run([*TUNER, "recommend", str(db), "--json"], capture_output=True,
+                         text=True, timeout=60)
+    assert rec.returncode == 0, rec.stdout + rec.stderr
+    advice = json.loads(rec.stdout)
+    assert advice["status"] == "ok" and advice["proxy_idle_s"] <= 1.0, advice
+    assert n_dropped(sweeping, idle_s=advice["proxy_idle_s"], span_s=SWEEP_MS / 1000) == 0
