@@ -1,5 +1,5 @@
 # The two commands of the README. Each installs what is missing first (scripts/setup).
-.PHONY: demo test lint setup setup-test k8s-binaries cluster cluster-down image e2e
+.PHONY: demo test lint setup setup-test k8s-binaries foreign-servers cluster cluster-down image e2e
 
 setup:
 	@./scripts/setup
@@ -12,7 +12,7 @@ demo: setup
 
 # The kube tests run against a real control plane: its binaries are built (once per machine,
 # tens of minutes cold) before pytest, whose per-test timeout a build would not fit.
-test: setup-test lint k8s-binaries
+test: setup-test lint k8s-binaries foreign-servers
 	.venv/bin/pytest -m "not slow"
 
 lint: setup
@@ -24,6 +24,11 @@ lint: setup
 # modules into ~/.cache/tuner (or taken from $KUBEBUILDER_ASSETS). Prints the kubeconfig.
 k8s-binaries:
 	@ONLY=control-plane ./scripts/k8s-build/build >/dev/null
+
+# Real foreign upstreams for tests/test_foreign_servers.py: embedded Tomcat 11 (Maven, ~/.m2)
+# and Go net/http, built once per version of scripts/foreign into ~/.cache/tuner/foreign.
+foreign-servers:
+	@./scripts/foreign/build >/dev/null
 
 cluster:
 	@python3 scripts/cluster.py up

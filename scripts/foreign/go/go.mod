@@ -1,0 +1,3 @@
+module tuner/foreign/go
+
+go 1.24
