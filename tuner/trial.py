@@ -8,8 +8,9 @@ properties, so they can never disagree with the outcomes they come from; `to_jso
 them too, for readers of the JSON.
 
 Records written by older versions of `tuner` lack the fields added since (the proxy's
-measured idle lifetime, the load's precision, the control flag); `from_json` reads them as
-"not measured", and the verdict logic treats "not measured" as what it is.
+measured idle lifetime, the load's precision, the control flag, the per-status counts);
+`from_json` reads them as "not measured", and the verdict logic treats "not measured" as
+what it is. Their outcomes have no `served` class: a 404 was `other_status` then, a failure.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.analysis.outcomes import FAILURES, RACE_OUTCOMES, Outcome
+from tuner.analysis.outcomes import FAILURES, RACE_OUTCOMES, SERVED_OUTCOMES, Outcome
 from tuner.durations import plain_seconds
 
 NON_RACE_FAILURES = FAILURES - RACE_OUTCOMES
+_SERVED = frozenset(outcome.value for outcome in SERVED_OUTCOMES)
 
 VERDICTS = ("safe", "unsafe", "inconclusive", "invalid")
 #: the cell name of an experiment's positive control (its proxy idle is chosen per run)
@@ -72,6 +74,9 @@ class Trial:
     # -- what the load did ----------------------------------------------------------------
     gaps_s: tuple[float, ...] = ()
     outcomes: Mapping[str, int] = field(default_factory=dict)
+    #: answers by HTTP status ("200", "404", "502"); requests with no HTTP answer (reset,
+    #: timeout) have none. Empty in records older than the count.
+    statuses: Mapping[str, int] = field(default_factory=dict)
     by_gap: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     n_reused: int = 0
     n_bursts: int = 0
@@ -120,8 +125,20 @@ class Trial:
         return self.outcomes.get(Outcome.BAD_GATEWAY.value, 0)
 
     @property
+    def n_served(self) -> int:
+        """Requests the upstream served: 2xx, and other statuses it answered on its own
+        (a 404 or 405 of the app: tuner.analysis.outcomes)."""
+        return sum(n for kind, n in self.outcomes.items() if kind in _SERVED)
+
+    @property
     def n_failed(self) -> int:
-        return sum(n for kind, n in self.outcomes.items() if kind != Outcome.OK.value)
+        return self.n_requests - self.n_served
+
+    @property
+    def n_unserved(self) -> int:
+        """Requests neither served nor failed by the race: refusals (400), other 5xx,
+        timeouts, refused connections."""
+        return self.n_requests - self.n_served - self.n_race_failures
 
     @property
     def failure_rate(self) -> float | None:
@@ -173,7 +190,8 @@ class Trial:
         document = dataclasses.asdict(self)
         document["gaps_s"] = list(self.gaps_s)
         document.update(cell=self.cell, n_requests=self.n_requests, n_502=self.n_502,
-                        n_failed=self.n_failed, failure_rate=self.failure_rate,
+                        n_served=self.n_served, n_failed=self.n_failed,
+                        n_unserved=self.n_unserved, failure_rate=self.failure_rate,
                         n_race_failures=self.n_race_failures, n_race=self.n_race,
                         n_hidden_races=self.n_hidden_races, margin_s=self.margin_s)
         return document

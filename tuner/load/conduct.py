@@ -24,7 +24,9 @@ of the spread.
 The load also measures its own aim, because a burst that misses the few-millisecond race
 window proves nothing: per burst, the launch spread (first to last request written, across
 every process) and the achieved idle gap against the planned one; per reused request, how
-long its connection sat idle (a histogram in whole milliseconds).
+long its connection sat idle (a histogram in whole milliseconds). Beside the outcome classes
+it counts the answers by HTTP status, so that a trial the upstream did not serve can say
+which statuses it got.
 """
 
 from __future__ import annotations
@@ -90,19 +92,24 @@ class BurstTally:
     sent_at: dict[int, list[float]] = field(default_factory=dict)
     pending: dict[str, Counter[str]] = field(default_factory=dict)
     pending_idle_ms: Counter[int] = field(default_factory=Counter)
+    #: answers by HTTP status, not yet reported
+    pending_statuses: Counter[str] = field(default_factory=Counter)
     reported: int = -1
 
     def start(self, index: int, n_users: int) -> None:
         self.index, self.n_users, self.answers_at, self.sent_at = index, n_users, [], {}
 
     def answered(self, index: int, answered_at: float, outcome: str, *,
-                 sent_at: float | None = None, idle_s: float | None = None, group: int = 0
-                 ) -> dict[str, Any] | None:
+                 sent_at: float | None = None, idle_s: float | None = None, group: int = 0,
+                 status: int = 0) -> dict[str, Any] | None:
         """Count one answer; return the burst's report once every user has answered.
         `sent_at`: when its request was written; `idle_s`: how long its connection had been
-        idle then (None for a fresh connection); `group`: the user's group."""
+        idle then (None for a fresh connection); `group`: the user's group; `status`: its
+        HTTP status (0: no HTTP answer)."""
         key = gap_key(self.gaps_s, index, group, sweep=self.sweep)
         self.pending.setdefault(key, Counter())[outcome] += 1
+        if status:
+            self.pending_statuses[str(status)] += 1
         if idle_s is not None and index > 0:
             self.pending_idle_ms[round(idle_s * 1000)] += 1
         if index != self.index or index <= self.reported:
@@ -120,18 +127,20 @@ class BurstTally:
         report: dict[str, Any] = {
             "index": self.index, "first_answer": min(self.answers_at),
             "counts": {k: dict(v) for k, v in self.pending.items()},
-            "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()}}
+            "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()},
+            "statuses": dict(self.pending_statuses)}
         if self.sent_at:
             report["groups"] = {str(g): [min(times), max(times)]
                                 for g, times in sorted(self.sent_at.items())}
-        self.pending, self.pending_idle_ms = {}, Counter()
+        self.pending, self.pending_idle_ms, self.pending_statuses = {}, Counter(), Counter()
         return report
 
     def flush(self) -> dict[str, Any]:
         """What was not yet reported (at the end of the run), as a late report's fields."""
         late = {"counts": {k: dict(v) for k, v in self.pending.items()},
-                "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()}}
-        self.pending, self.pending_idle_ms = {}, Counter()
+                "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()},
+                "statuses": dict(self.pending_statuses)}
+        self.pending, self.pending_idle_ms, self.pending_statuses = {}, Counter(), Counter()
         return late
 
 
@@ -159,16 +168,19 @@ class Hub:
     #: per burst and group: the first and the last request written, over every process
     sent: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
     idle_ms: Counter[int] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
     n_bursts: int = 0
     stop_reason: str = "budget"
 
     def merge(self, counts: Mapping[str, Mapping[str, int]],
-              idle_ms: Mapping[str, int] | None = None) -> None:
+              idle_ms: Mapping[str, int] | None = None,
+              statuses: Mapping[str, int] | None = None) -> None:
         for key, outcomes in counts.items():
             self.by_gap.setdefault(key, Counter()).update(outcomes)
             self.total.update(outcomes)
         for ms, n in (idle_ms or {}).items():
             self.idle_ms[int(ms)] += n
+        self.statuses.update(statuses or {})
 
     def _merge_sent(self, index: int, report: Mapping[str, Any]) -> None:
         for group_name, (first, last) in report.get("groups", {}).items():
@@ -198,7 +210,7 @@ class Hub:
 
     def report(self, sender: str, report: Mapping[str, Any]) -> NextBurst | Stop | None:
         """Merge one process's report; decide once every expected process has reported."""
-        self.merge(report["counts"], report.get("idle_ms"))
+        self.merge(report["counts"], report.get("idle_ms"), report.get("statuses"))
         index = int(report["index"])
         self._merge_sent(index, report)
         got = self.received.setdefault(index, {})
@@ -214,9 +226,10 @@ class Hub:
         return NextBurst(index + 1, min(got.values())
                          + fire_delay_s(self.gaps_s, index + 1, sweep=self.sweep))
 
-    def steady(self, counts: Mapping[str, Mapping[str, int]]) -> Stop | None:
+    def steady(self, counts: Mapping[str, Mapping[str, int]],
+               statuses: Mapping[str, int] | None = None) -> Stop | None:
         """Steady mode: merge, and stop on the unsafe threshold or the request budget only."""
-        self.merge(counts)
+        self.merge(counts, statuses=statuses)
         return self._check_stop()
 
     def _check_stop(self, *, after_burst: bool = False) -> Stop | None:
@@ -258,5 +271,6 @@ class Hub:
                 "burst_spread_ms": self.burst_spreads_ms(),
                 "gap_error_ms": self.gap_errors_ms(),
                 "idle_ms": {str(ms): n for ms, n in sorted(self.idle_ms.items())},
+                "statuses": dict(sorted(self.statuses.items())),
                 # how many load processes reported each burst (the most over the bursts)
                 "n_processes": max((len(got) for got in self.received.values()), default=0)}

@@ -38,7 +38,7 @@ from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
-from tuner.analysis.outcomes import Outcome, outcome_of_response
+from tuner.analysis.outcomes import SERVED_OUTCOMES, Outcome, outcome_of_response
 from tuner.analysis.stopping import StopRule
 from tuner.errors import TunerError
 from tuner.load.clocks import ClockSync
@@ -225,9 +225,9 @@ class _Conductor:
         return (worker_index + user_number - 1) % self.n_groups
 
     def answered(self, index: int, answered_at: float, outcome: Outcome, *, sent_at: float,
-                 idle_s: float | None, group: int) -> None:
+                 idle_s: float | None, group: int, status: int = 0) -> None:
         report = self.tally.answered(index, answered_at, outcome.value, sent_at=sent_at,
-                                     idle_s=idle_s, group=group)
+                                     idle_s=idle_s, group=group, status=status)
         if report is not None:
             self._deliver(report)
 
@@ -237,9 +237,10 @@ class _Conductor:
             if report is not None:
                 self._deliver(report)
 
-    def steady_answered(self, outcome: Outcome) -> None:
+    def steady_answered(self, outcome: Outcome, status: int = 0) -> None:
         self._deliver({"index": -1, "first_answer": self.now(),
-                       "counts": {STEADY: {outcome.value: 1}}})
+                       "counts": {STEADY: {outcome.value: 1}},
+                       "statuses": {str(status): 1} if status else {}})
 
     def _deliver(self, report: dict[str, Any]) -> None:
         """To the master from a worker; to this process's own hub otherwise."""
@@ -251,7 +252,8 @@ class _Conductor:
     # -- the hub (single process or master) ---------------------------------------------
     def on_report(self, sender: str, report: dict[str, Any]) -> None:
         if report["index"] < 0:
-            decision: NextBurst | Stop | None = self.hub.steady(report["counts"])
+            decision: NextBurst | Stop | None = self.hub.steady(report["counts"],
+                                                                report.get("statuses"))
         else:
             if isinstance(self.runner, MasterRunner):
                 self.hub.expect(int(report["index"]), frozenset(
@@ -278,7 +280,7 @@ class _Conductor:
         if not self.results_path or isinstance(self.runner, WorkerRunner):
             return
         late = self.tally.flush()  # answers that arrived after their burst's report
-        self.hub.merge(late["counts"], late["idle_ms"])
+        self.hub.merge(late["counts"], late["idle_ms"], late["statuses"])
         document = self.hub.results(mode=self.mode, elapsed_s=self.now() - self.started_at)
         if isinstance(self.runner, MasterRunner):
             document["clock_sync"] = self.clock_sync
@@ -380,20 +382,25 @@ class RaceHuntingUser(FastHttpUser):
         #: when this user's connection last got an answer (it has sat idle since)
         self.last_answer_at: float | None = None
 
-    def _send(self) -> tuple[Outcome, float]:
+    def _send(self) -> tuple[Outcome, float, int]:
+        """One request: its outcome, when it was answered, and its HTTP status (0: none)."""
         assert _conductor is not None
         method = self.random.choice(_conductor.methods)
         body = self.body if method in ("POST", "PUT", "PATCH") else None
+        # no redirects followed: a 3xx is the upstream's answer on this connection, and a
+        # second request would not follow an idle gap
         with self.client.request(method, _options(self.environment).tuner_path,
-                                 data=body, catch_response=True) as response:
+                                 data=body, catch_response=True,
+                                 allow_redirects=False) as response:
             error = response.request_meta.get("exception")
-            outcome = classify(response.status_code, error,
-                               (response.text or "") if response.status_code == 503 else "")
-            if outcome is Outcome.OK:
+            status = int(response.status_code or 0)
+            outcome = classify(status, error,
+                               (response.text or "") if status == 503 else "")
+            if outcome in SERVED_OUTCOMES:
                 response.success()
             else:
-                response.failure(f"{outcome.value}: {error or response.status_code}")
-        return outcome, _conductor.now()
+                response.failure(f"{outcome.value}: {error or status}")
+        return outcome, _conductor.now(), status
 
     @task
     def fire(self) -> None:
@@ -411,12 +418,12 @@ class RaceHuntingUser(FastHttpUser):
                      + (self.random.uniform(0, loosen_ms) / 1000 if loosen_ms else 0.0))
         sent_at = _conductor.now()
         idle_s = sent_at - self.last_answer_at if self.last_answer_at is not None else None
-        outcome, answered_at = self._send()
+        outcome, answered_at, status = self._send()
         # no HTTP answer leaves no connection behind: the next request starts a fresh one
         self.last_answer_at = None if outcome in _NO_ANSWER else answered_at
         self.done_index = index
         _conductor.answered(index, answered_at, outcome, sent_at=sent_at, idle_s=idle_s,
-                            group=self.sweep_group)
+                            group=self.sweep_group, status=status)
 
     def _steady(self) -> None:
         """The same mean rate as the bursts, without gaps: one request per mean period."""
@@ -426,9 +433,9 @@ class RaceHuntingUser(FastHttpUser):
             n_users = max(1, _options(self.environment).tuner_burst_size)
             gevent.sleep(period_s * (self.steady_phase % n_users) / n_users)
         started = _conductor.now()
-        outcome, _ = self._send()
+        outcome, _, status = self._send()
         self.done_index += 1
-        _conductor.steady_answered(outcome)
+        _conductor.steady_answered(outcome, status)
         gevent.sleep(max(0.0, period_s - (_conductor.now() - started)))
 
 
