@@ -82,13 +82,18 @@ def render_envoy_cds(*, upstream_port: int, proxy_idle_s: float, generation: int
 
 
 def render_envoy_listener(*, listen_port: int, access_log: Path,
-                          retry_on: str | None = None) -> dict[str, Any]:
+                          retry_on: str | None = None,
+                          upstream_host: str | None = None) -> dict[str, Any]:
     """The static listener: everything to cluster `app`, except the generation path (pure).
 
     No retry policy unless `retry_on` names one (only to measure how a retry masks the
     race): Envoy retries nothing unless a route asks, so the race shows as it is.
+    `upstream_host`: the Host (:authority) toward the upstream; None passes the client's on,
+    as Envoy does by default (EnvoyProxy always gives one: see tuner.lab.proxy).
     """
     route: dict[str, Any] = {"cluster": CLUSTER, "timeout": envoy_duration(ROUTE_TIMEOUT_S)}
+    if upstream_host is not None:
+        route["host_rewrite_literal"] = upstream_host
     if retry_on is not None:
         route["retry_policy"] = {"retry_on": retry_on, "num_retries": 1}
         if "retriable-status-codes" in retry_on:
@@ -130,7 +135,8 @@ def render_envoy_listener(*, listen_port: int, access_log: Path,
 
 def render_envoy_bootstrap(*, listen_port: int, cds_path: Path, access_log: Path,
                            static_cluster: dict[str, Any] | None = None,
-                           retry_on: str | None = None) -> str:
+                           retry_on: str | None = None,
+                           upstream_host: str | None = None) -> str:
     """The bootstrap (pure): admin on 127.0.0.1 at a port the OS picks, the static listener,
     and the cluster from `cds_path`; or, to check a candidate cluster with `--mode validate`,
     that cluster inline as a static one."""
@@ -138,7 +144,8 @@ def render_envoy_bootstrap(*, listen_port: int, cds_path: Path, access_log: Path
         "node": {"id": "tuner-lab", "cluster": "tuner"},
         "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": 0}}},
         "static_resources": {"listeners": [render_envoy_listener(
-            listen_port=listen_port, access_log=access_log, retry_on=retry_on)]},
+            listen_port=listen_port, access_log=access_log, retry_on=retry_on,
+            upstream_host=upstream_host)]},
     }
     if static_cluster is not None:
         document["static_resources"]["clusters"] = [
@@ -178,8 +185,9 @@ class EnvoyProxy(Proxy):
     reload_signal = 0  # not used: the CDS file is watched
 
     def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int,
-                 retry_on: str | None = None) -> None:
-        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port)
+                 upstream_host: str | None = None, retry_on: str | None = None) -> None:
+        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port,
+                         upstream_host=upstream_host)
         #: a route retry policy, only to measure a mask (the lab's default retries nothing)
         self.retry_on = retry_on
         self.conf_path = workdir / "cds.json"
@@ -201,7 +209,8 @@ class EnvoyProxy(Proxy):
         check = conf_path.with_name("envoy-check.json")
         check.write_text(render_envoy_bootstrap(
             listen_port=self.listen_port, cds_path=self.conf_path,
-            access_log=self.access_log_path, static_cluster=cluster, retry_on=self.retry_on))
+            access_log=self.access_log_path, static_cluster=cluster, retry_on=self.retry_on,
+            upstream_host=self.upstream_host))
         return [self.binary, "--mode", "validate", "-c", str(check), "--log-level", "error"]
 
     def run_argv(self) -> list[str]:
@@ -243,7 +252,8 @@ class EnvoyProxy(Proxy):
     def start(self, *, proxy_idle_s: float, timeout_s: float = 15.0) -> None:
         self.bootstrap_path.write_text(render_envoy_bootstrap(
             listen_port=self.listen_port, cds_path=self.conf_path,
-            access_log=self.access_log_path, retry_on=self.retry_on))
+            access_log=self.access_log_path, retry_on=self.retry_on,
+            upstream_host=self.upstream_host))
         self._write_conf(proxy_idle_s)
         self._process = ManagedProcess(self.run_argv(), name=self.name, log_dir=self.workdir)
         self._process.start()

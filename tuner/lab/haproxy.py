@@ -32,15 +32,17 @@ from tuner.analysis.signatures import count_haproxy_signatures
 from tuner.durations import haproxy_time
 from tuner.lab.errorlog import ErrorLog
 from tuner.lab.process import LOOPBACK, require_program
-from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
+from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy, default_upstream_host
 
 #: The proxy's response timeout toward the upstream; not an idle timeout.
 SERVER_RESPONSE_S = 60.0
 
 
 def render_haproxy_cfg(*, listen_port: int, upstream_port: int, proxy_idle_s: float,
-                       generation: int) -> str:
-    """The whole haproxy.cfg for the lab (pure)."""
+                       generation: int, upstream_host: str | None = None) -> str:
+    """The whole haproxy.cfg for the lab (pure). `upstream_host`: the Host header toward the
+    upstream (default: its own address; see tuner.lab.proxy)."""
+    host = upstream_host or default_upstream_host(upstream_port)
     return f"""# rendered by tuner, generation {generation}
 global
     # Logs go to the process's stdout, which the lab keeps as this proxy's error log.
@@ -69,6 +71,8 @@ backend tuner_upstream
     http-reuse safe
     retries 3
     retry-on conn-failure
+    # HAProxy passes the client's Host on; the upstream gets one Host behind every proxy
+    http-request set-header Host {host}
     # Idle server connections have no idle timer; each pool-purge-delay HAProxy closes
     # about half of those above its estimate of need. This is the proxy idle knob.
     server upstream {LOOPBACK}:{upstream_port} pool-purge-delay {haproxy_time(proxy_idle_s)}
@@ -82,15 +86,18 @@ class HaproxyProxy(Proxy):
     package = "haproxy"
     reload_signal = signal.SIGUSR2
 
-    def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int) -> None:
-        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port)
+    def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int,
+                 upstream_host: str | None = None) -> None:
+        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port,
+                         upstream_host=upstream_host)
         self.conf_path = workdir / "haproxy.cfg"
         # HAProxy cannot log to a file itself; its stdout (the log target) is the file.
         self.error_log = ErrorLog(workdir / "haproxy.stdout")
 
     def render(self, proxy_idle_s: float) -> str:
         return render_haproxy_cfg(listen_port=self.listen_port, upstream_port=self.upstream_port,
-                                  proxy_idle_s=proxy_idle_s, generation=self.generation)
+                                  proxy_idle_s=proxy_idle_s, generation=self.generation,
+                                  upstream_host=self.upstream_host)
 
     def count_signatures(self, lines: Iterable[str]) -> Counter[str]:
         return count_haproxy_signatures(lines)

@@ -21,6 +21,7 @@ from tuner.lab.nginx import NginxProxy
 from tuner.lab.process import LOOPBACK, ManagedProcess, held_signals, http_get, pick_free_port
 from tuner.lab.proxy import Proxy
 from tuner.lab.upstreams import Upstream
+from tuner.load.request import parse_host
 from tuner.proxy_names import PROXY_NAMES
 
 PROXIES: dict[str, type[Proxy]] = {cls.name: cls
@@ -95,6 +96,8 @@ class LabInfo:
     upstream_url: str
     upstream_idle_s: float
     upstream_idle_option: str
+    #: the Host header the proxy sends the upstream
+    upstream_host: str
     proxy_config: str
     proxy_error_log: str
     workdir: str
@@ -105,8 +108,13 @@ class Lab:
 
     def __init__(self, *, proxy: str, upstream: Upstream, proxy_idle_s: float,
                  upstream_idle_s: float, keep_workdir: bool = False,
-                 upstream_ready_timeout_s: float = UPSTREAM_READY_TIMEOUT_S) -> None:
+                 upstream_ready_timeout_s: float = UPSTREAM_READY_TIMEOUT_S,
+                 upstream_host: str | None = None) -> None:
+        """`upstream_host`: the Host header the proxy sends the upstream (default: the
+        upstream's own 127.0.0.1:PORT; see tuner.lab.proxy)."""
         self._proxy_class = get_proxy_class(proxy)
+        self.upstream_host = (None if upstream_host is None
+                              else parse_host(upstream_host, what="--host"))
         # Refuse values the servers cannot take before starting anything.
         upstream.argv(port=1, idle_s=upstream_idle_s)
         self.upstream_spec = upstream
@@ -136,7 +144,8 @@ class Lab:
                                        ready_timeout_s=self.upstream_ready_timeout_s)
         self.upstream.start(self.initial_upstream_idle_s)
         self.proxy = self._proxy_class(workdir=self.workdir, listen_port=pick_free_port(),
-                                       upstream_port=self.upstream.port)
+                                       upstream_port=self.upstream.port,
+                                       upstream_host=self.upstream_host)
         self.proxy.start(proxy_idle_s=self.initial_proxy_idle_s)
 
     def set_proxy_idle(self, proxy_idle_s: float) -> None:
@@ -165,7 +174,8 @@ class Lab:
             proxy_version=proxy.version(), upstream=self.upstream_spec.name,
             upstream_url=upstream.url, upstream_idle_s=upstream.idle_s,
             upstream_idle_option=self.upstream_spec.idle_option,
-            proxy_config=str(proxy.conf_path), proxy_error_log=str(proxy.error_log.path),
+            upstream_host=proxy.upstream_host, proxy_config=str(proxy.conf_path),
+            proxy_error_log=str(proxy.error_log.path),
             workdir=str(self.workdir))
 
     def problem(self) -> str | None:

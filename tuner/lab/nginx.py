@@ -18,7 +18,7 @@ from tuner.analysis.signatures import count_nginx_signatures
 from tuner.durations import nginx_time
 from tuner.lab.errorlog import ErrorLog
 from tuner.lab.process import LOOPBACK, require_program
-from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy
+from tuner.lab.proxy import CLIENT_IDLE_S, GENERATION_PATH, Proxy, default_upstream_host
 
 #: Cached idle connections per worker: above the largest burst the lab sends (1,000), so a
 #: burst's connections all stay cached through the idle gap (the condition for the race).
@@ -30,8 +30,11 @@ _TEMP_MODULES = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 def render_nginx_conf(*, workdir: Path, listen_port: int, upstream_port: int,
                       proxy_idle_s: float, keepalive_conns: int, generation: int,
-                      run_as_root: bool, client_idle_s: float = CLIENT_IDLE_S) -> str:
-    """The whole nginx.conf for the lab (pure)."""
+                      run_as_root: bool, client_idle_s: float = CLIENT_IDLE_S,
+                      upstream_host: str | None = None) -> str:
+    """The whole nginx.conf for the lab (pure). `upstream_host`: the Host header toward the
+    upstream (default: its own address; see tuner.lab.proxy)."""
+    host = upstream_host or default_upstream_host(upstream_port)
     temp_paths = "\n".join(f"    {module}_temp_path {workdir}/tmp_{module};"
                            for module in _TEMP_MODULES)
     # As root, nginx would switch its workers to `nobody`, who cannot reach the lab's private
@@ -68,6 +71,9 @@ http {{
             # Both are needed for upstream keep-alive before nginx 1.29.7.
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            # not nginx's default $proxy_host, the upstream block's name "tuner_upstream",
+            # which strict servers (Tomcat) refuse with 400: see tuner.lab.proxy
+            proxy_set_header Host "{host}";
         }}
     }}
 }}
@@ -82,9 +88,11 @@ class NginxProxy(Proxy):
     reload_signal = signal.SIGHUP
 
     def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int,
+                 upstream_host: str | None = None,
                  keepalive_conns: int = DEFAULT_KEEPALIVE_CONNS,
                  client_idle_s: float = CLIENT_IDLE_S) -> None:
-        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port)
+        super().__init__(workdir=workdir, listen_port=listen_port, upstream_port=upstream_port,
+                         upstream_host=upstream_host)
         self.keepalive_conns = keepalive_conns
         self.client_idle_s = client_idle_s
         self.conf_path = workdir / "nginx.conf"
@@ -98,7 +106,7 @@ class NginxProxy(Proxy):
             workdir=self.workdir, listen_port=self.listen_port, upstream_port=self.upstream_port,
             proxy_idle_s=proxy_idle_s, keepalive_conns=self.keepalive_conns,
             generation=self.generation, run_as_root=os.geteuid() == 0,
-            client_idle_s=self.client_idle_s)
+            client_idle_s=self.client_idle_s, upstream_host=self.upstream_host)
 
     def _argv(self, conf_path: Path, *extra: str) -> list[str]:
         return [self.binary, "-p", str(self.workdir), "-c", str(conf_path),

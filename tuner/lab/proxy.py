@@ -5,6 +5,14 @@ Design decision: every rendered config answers `GET /__tuner/generation` with it
 number, so "reloaded" means "a fresh connection is served by the new configuration" and "every
 worker of the old one has exited" (an old worker could still hold a cached upstream
 connection), not "the signal was sent".
+
+The Host header toward the upstream is set by each proxy to one value (`upstream_host`):
+by default the upstream's own address, `127.0.0.1:PORT`, which is what a client of the
+upstream itself would send. Left alone, nginx sends its upstream block's name (`$proxy_host`)
+and HAProxy and Envoy pass on the client's Host, so the upstream would see a different Host
+behind each proxy; and an upstream block's name is no host name: embedded Tomcat answered
+`Host: tuner_upstream` (`_` is invalid in a host name) with 400 and closed the connection,
+every request of an experiment. `--host` sets another value (a virtual host the app expects).
 """
 
 from __future__ import annotations
@@ -38,11 +46,14 @@ class Proxy(ABC):
     #: the signal that makes the master reload its configuration
     reload_signal: int
 
-    def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int) -> None:
+    def __init__(self, *, workdir: Path, listen_port: int, upstream_port: int,
+                 upstream_host: str | None = None) -> None:
         self.binary = self.find_binary()
         self.workdir = workdir
         self.listen_port = listen_port
         self.upstream_port = upstream_port
+        #: the Host header sent to the upstream (checked by tuner.load.request.parse_host)
+        self.upstream_host = upstream_host or default_upstream_host(upstream_port)
         self.generation = 0
         self.proxy_idle_s: float | None = None
         self._process: ManagedProcess | None = None
@@ -164,6 +175,11 @@ class Proxy(ABC):
     def stop(self) -> None:
         if self._process is not None:
             self._process.stop()
+
+
+def default_upstream_host(upstream_port: int) -> str:
+    """The Host the lab's proxies send when none is given: the upstream's own address."""
+    return f"{LOOPBACK}:{upstream_port}"
 
 
 def children(pid: int) -> set[int]:
