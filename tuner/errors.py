@@ -2,6 +2,8 @@
 
     TunerError                    base: the CLI prints "error: ..." and exits non-zero
      ├── ConfigError              bad input: a duration, an option, a spec field   (exit 2)
+     │    └── PreflightRefused        the upstream does not serve the experiment's request,
+     │                                or closes the connection after it (nothing to race)
      ├── LabError                 a local lab process failed                       (exit 3)
      │    ├── MissingProgramError     a program is not installed (names the package)
      │    ├── ProcessStartError       exited or never became ready (status, stderr tail)
@@ -37,6 +39,13 @@ class ConfigError(TunerError):
     """Bad input: a value the user gave that cannot be used as given."""
 
     exit_code = 2
+
+
+class PreflightRefused(ConfigError):
+    """Before the first trial: the upstream did not serve the experiment's request (method,
+    path, Host), or closed the connection after answering it, so no idle connection would be
+    left to race and no trial could measure anything. The fix is in the input (--host,
+    --path, --methods) or in the server (keep-alive)."""
 
 
 class LabError(TunerError):

@@ -13,6 +13,9 @@
     gap_steps: 7                    # default: 7, or 3 from a 4.5 s close
     sweep: bursts                   # one gap per burst; groups: every burst tries every gap
     methods: POST                   # or POST:3,GET:1
+    path: /                         # what the load requests, e.g. /healthz
+    host: shop.example              # the Host the lab's proxy sends the upstream (local
+                                    # target); default: the upstream's 127.0.0.1:PORT
     burst_size: 30                  # default: 30, or 100 from a 4.5 s close (fewer periods)
     workers: 0                      # 0: one Locust process; N: Locust master + N workers
                                     # (processes beside it; kubernetes.workers: pods)
@@ -48,6 +51,7 @@ from tuner.analysis.stopping import StopRule
 from tuner.durations import duration_field
 from tuner.errors import ConfigError, TunerError
 from tuner.load.methods import parse_method_mix
+from tuner.load.request import parse_host, parse_path
 from tuner.proxy_names import PROXY_NAMES
 
 PROXIES = PROXY_NAMES
@@ -78,6 +82,13 @@ class ExperimentSpec:
     #: 150 users caught fewer races (README, "Production timeouts")
     sweep: str = "bursts"
     methods: str = "POST"
+    #: the request path the load (and the preflight) asks for, query included
+    path: str = "/"
+    #: the Host header the lab's proxy sends the upstream; None: the upstream's own address
+    #: (127.0.0.1:PORT, tuner.lab.proxy). Stored specs of older versions have neither key
+    #: and read as these defaults: they requested / too, but their nginx and HAProxy sent
+    #: the upstream another Host (nginx `tuner_upstream`, HAProxy the client's).
+    host: str | None = None
     #: None: from the close (tuner.analysis.budget.load_shape): 30, the load every verdict
     #: of the lab was measured with, or 100 from a 4.5 s close (a safe verdict after 3
     #: reused bursts instead of 10)
@@ -151,8 +162,8 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 _FIELDS = ("proxy", "upstream", "upstream_cmd", "proxy_idle", "upstream_idle", "repeats",
            "max_seconds", "max_requests", "gaps", "gap_half_width", "gap_steps", "sweep",
-           "methods", "burst_size", "workers", "parallel", "seed", "db", "unsafe_after",
-           "safe_after", "control", "loosen_ms", "write_back", "kubernetes")
+           "methods", "path", "host", "burst_size", "workers", "parallel", "seed", "db",
+           "unsafe_after", "safe_after", "control", "loosen_ms", "write_back", "kubernetes")
 
 
 def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -> ExperimentSpec:
@@ -190,6 +201,10 @@ def parse_spec(data: Mapping[str, Any], *, base: ExperimentSpec | None = None) -
             changes[key] = _int(key, value, minimum=0)
         elif key == "methods":
             changes["methods"] = _method_mix(key, value)
+        elif key == "path":
+            changes["path"] = parse_path(value, what=key)
+        elif key == "host":
+            changes["host"] = parse_host(value, what=key)
         elif key == "db":
             if not isinstance(value, str) or not value:
                 raise _bad(key, value, "must be a file path")

@@ -295,7 +295,8 @@ def load_plan(spec: ExperimentSpec, url: str, gaps_s: list[float], *,
     stop = dataclasses.replace(spec.stop, safe_after_requests=0) if control else spec.stop
     return LocustPlan(host_url=url, gaps_s=gaps_s,
                       burst_size=shape_of(spec, gaps_s, close_s).burst_size,
-                      methods=spec.methods, max_seconds=max_seconds, sweep=spec.sweep,
+                      methods=spec.methods, path=spec.path, max_seconds=max_seconds,
+                      sweep=spec.sweep,
                       max_requests=spec.max_requests, workers=spec.workers, seed=spec.seed,
                       stop=stop, loosen_ms=spec.loosen_ms)
 
@@ -309,6 +310,7 @@ def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, A
     gap_errors = [abs(float(x)) for x in results.get("gap_error_ms", [])]
     trial = trial.with_(
         gaps_s=tuple(gaps_s), outcomes=counts, by_gap=results.get("by_gap", {}),
+        statuses={str(k): int(v) for k, v in results.get("statuses", {}).items()},
         n_reused=int(results.get("n_reused", 0)), n_bursts=int(results.get("n_bursts", 0)),
         n_cycles=int(results["n_cycles"]) if "n_cycles" in results else None,
         stop_reason=results.get("stop_reason"), elapsed_s=results.get("elapsed_s"),
@@ -327,7 +329,31 @@ def measured_trial(trial: Trial, *, gaps_s: list[float], results: Mapping[str, A
             "times: it was down, which is not a keep-alive result"))
     if trial.n_requests == 0:
         return trial.with_(invalid_reason="Locust sent no request")
+    unserved = unserved_reason(trial)
+    if unserved is not None:
+        return trial.with_(invalid_reason=unserved)
     return trial
+
+
+def unserved_reason(trial: Trial) -> str | None:
+    """Why a trial whose answers were mostly neither served nor the race is no keep-alive
+    result (pure); None if most were. A load the upstream refused (every request 400, as
+    embedded Tomcat answered a Host it refuses) never sat on an idle connection: its "no
+    race" is no evidence, and its failures are not the race's."""
+    if 2 * trial.n_unserved <= trial.n_requests:
+        return None
+    statuses = ", ".join(f"{n} x {status}" for status, n in sorted(
+        trial.statuses.items(), key=lambda item: (-item[1], item[0])))
+    other = {kind: n for kind, n in trial.outcomes.items()
+             if kind in ("timeout", "connect_error") and n}
+    seen = "; ".join(part for part in (
+        f"statuses {statuses}" if statuses else "",
+        ", ".join(f"{n} x {kind}" for kind, n in sorted(other.items()))) if part)
+    return (f"the upstream did not serve the load: {trial.n_unserved} of {trial.n_requests} "
+            f"answers were neither served nor the race ({seen or 'no status recorded'}); a "
+            "refused request (400) or an error (5xx, timeout) leaves no idle connection to "
+            "race, so this is no keep-alive result. Check the request with the preflight's "
+            "--host, --path and --methods")
 
 
 def describe_trial(trial: Trial) -> str:
@@ -345,7 +371,11 @@ def describe_trial(trial: Trial) -> str:
         offsets = sorted(trial.clock_offsets_ms.values())
         aim += (f"; {len(offsets)} workers, clocks {offsets[0]:+.1f} to {offsets[-1]:+.1f} ms "
                 "off the master's (corrected)")
+    others = [f"{n} x {status}" for status, n in sorted(trial.statuses.items())
+              if not status.startswith("2") and status != "502"]
+    statuses = f", statuses {', '.join(others)}" if others else ""
     return (f"{trial.verdict.upper()}: {trial.verdict_text}\n"
-            f"    {trial.n_failed} failed of {trial.n_requests} ({trial.n_502} x 502), "
+            f"    {trial.n_failed} failed of {trial.n_requests} ({trial.n_502} x 502"
+            f"{statuses}), "
             f"{trial.n_proxy_log_races} race lines in the proxy log; upstream closed idle "
             f"connections after {close}{lifetime}{aim}")
