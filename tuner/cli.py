@@ -90,6 +90,19 @@ def _add_lab_options(parser: argparse.ArgumentParser) -> None:
                              "default 5s")
 
 
+def _add_request_options(parser: argparse.ArgumentParser, *, default_path: str | None) -> None:
+    """--host and --path: the request the load repeats (tuner.load.request)."""
+    parser.add_argument("--host", metavar="HOST",
+                        help="the Host header the lab's proxy sends the upstream, e.g. "
+                             "shop.example or localhost:8080 (default: the upstream's own "
+                             "127.0.0.1:PORT; a name with _ is refused by strict servers "
+                             "such as Tomcat, which answer 400 and close)")
+    parser.add_argument("--path", default=default_path, metavar="PATH",
+                        help="the request path, query included, e.g. /healthz (default /): "
+                             "one your app serves; a 404 or 405 on a kept connection counts "
+                             "as served, a 400 or 5xx does not")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tuner",
@@ -132,14 +145,28 @@ def _add_lab(commands: _Commands) -> None:
                     "nothing else, so no other machine can reach the lab (Locust's master,\n"
                     "with workers, binds 127.0.0.1 too). An --upstream-cmd server must listen\n"
                     "on 127.0.0.1:{port}; the lab waits for that address, but cannot stop\n"
-                    "your command from binding others as well.",
+                    "your command from binding others as well.\n\n"
+                    "The proxy sends the upstream the Host of --host (default: the upstream's\n"
+                    "own 127.0.0.1:PORT). Once up, the lab checks, as `tuner experiment` does\n"
+                    "before its first trial, that the upstream serves the load's request: one\n"
+                    "request per method of --methods to --path, straight to the upstream and\n"
+                    "through the proxy; it prints the statuses and the Connection, Keep-Alive\n"
+                    "and Server headers, and warns (but stays up) when the upstream refuses the\n"
+                    "request or closes the connection after answering.",
         epilog="examples:\n"
                "  tuner lab up --proxy nginx --upstream node --proxy-idle 60s --upstream-idle 2s\n"
                "  tuner lab up --proxy haproxy --upstream uvicorn --upstream-idle 5s --json\n"
                "  tuner lab up --proxy envoy --upstream node --proxy-idle 1h --upstream-idle 1s\n"
-               "  tuner lab up --upstream-cmd 'python3 -m http.server {port} # {idle_s}'\n\n"
+               "  tuner lab up --upstream-cmd 'python3 -m http.server {port} # {idle_s}'\n"
+               "  tuner lab up --upstream-cmd 'java -jar app.jar --server.port={port} "
+               "--server.tomcat.keep-alive-timeout={idle_ms}ms' \\\n"
+               "      --host localhost --path /healthz --methods GET\n\n"
                + EXIT_CODES)
     _add_lab_options(up)
+    up.add_argument("--methods", default="POST", metavar="MIX",
+                    help="the method mix the preflight checks, as for `tuner experiment` "
+                         "(default POST)")
+    _add_request_options(up, default_path="/")
     up.add_argument("--json", action="store_true",
                     help="print one JSON object with the URLs and settings")
     up.set_defaults(handler=cmd_lab_up)
@@ -221,7 +248,18 @@ def _add_experiment(commands: _Commands) -> None:
                "--upstream-idle 1s\n"
                "  tuner experiment spec.yaml --db results.db\n"
                "  tuner experiment --db results.db --resume     # after Ctrl-C or a crash\n"
-               "  tuner experiment spec.yaml --target kubernetes --db /results/results.db\n\n"
+               "  tuner experiment spec.yaml --target kubernetes --db /results/results.db\n"
+               "  tuner experiment --upstream-cmd 'java -jar app.jar --server.port={port} "
+               "--server.tomcat.keep-alive-timeout={idle_ms}ms' \\\n"
+               "      --proxy-idle 1s,3s --upstream-idle 2s --path /healthz --methods POST\n\n"
+               "the preflight (local target), before the first trial: one request per method\n"
+               "of --methods to --path with the Host the proxy sends (--host; default the\n"
+               "upstream's own 127.0.0.1:PORT), straight to the upstream and through the\n"
+               "proxy. The experiment is refused (exit 2, nothing run) with the statuses, the\n"
+               "Connection, Keep-Alive and Server headers and what to do, when the upstream\n"
+               "does not serve the request (a 400 or 421, often the Host; a 5xx; no answer)\n"
+               "or closes the connection after answering: no idle connection is then left to\n"
+               "race. A 404 or 405 on a kept connection exercises it as a 200 does: served.\n\n"
                "--target kubernetes (README: Run it in your cluster): per trial, patch the\n"
                "tuning ConfigMap, restart the app's Deployment when its setting changes and\n"
                "wait for the rollout, wait for every sidecar to apply the trial, probe the\n"
@@ -237,7 +275,8 @@ def _add_experiment(commands: _Commands) -> None:
                "proxy keeps connections at or past the measured close, whatever the count),\n"
                "safe (no race in 300 reused requests over every gap, tight bursts, and a\n"
                "control that raced), inconclusive (short of that, with the reason), invalid\n"
-               "(the lab failed: never a keep-alive result)\n\n"
+               "(the lab failed, or most answers were neither served nor the race, e.g. 400s:\n"
+               "never a keep-alive result)\n\n"
                + EXIT_CODES)
     experiment.add_argument("spec", nargs="?", metavar="SPEC.yaml",
                             help="experiment spec (see tuner/experiment/spec.py for fields)")
@@ -258,7 +297,10 @@ def _add_experiment(commands: _Commands) -> None:
     experiment.add_argument("--sweep", choices=("groups", "bursts"),
                             help="bursts (default): one gap per burst; groups: every burst "
                                  "tries every gap, one group of users per gap")
-    experiment.add_argument("--methods", metavar="MIX", help="e.g. POST or POST:3,GET:1")
+    experiment.add_argument("--methods", metavar="MIX",
+                            help="the load's method mix, e.g. POST (default: nginx retries "
+                                 "idempotent methods and so hides races) or POST:3,GET:1")
+    _add_request_options(experiment, default_path=None)
     experiment.add_argument("--burst-size", type=int, metavar="N",
                             help="users per burst (default: 30; 100 when the upstream closes "
                                  "at 4.5 s or later, with 3 gaps instead of 7: a safe verdict "

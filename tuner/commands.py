@@ -33,19 +33,36 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
+    from tuner.lab.preflight import preflight
+    from tuner.load.methods import parse_method_mix
+    from tuner.load.request import parse_path
+
     upstream = upstream_from(args.upstream, args.upstream_cmd)
+    parse_method_mix(args.methods, what="--methods")
+    path = parse_path(args.path, what="--path")
     with Lab(proxy=args.proxy, upstream=upstream, proxy_idle_s=args.proxy_idle,
-             upstream_idle_s=args.upstream_idle) as lab:
+             upstream_idle_s=args.upstream_idle, upstream_host=args.host) as lab:
         info = lab.info()
+        checked = preflight(lab, methods=args.methods, path=path)
         if args.json:
-            print(json.dumps(asdict(info)), flush=True)
+            print(json.dumps({**asdict(info), "path": path, "preflight": {
+                "ok": checked.is_ok, "lines": list(checked.lines),
+                "advice": list(checked.advice)}}), flush=True)
         else:
             print(f"proxy     {info.proxy} {info.proxy_version}  {info.proxy_url}  "
                   f"(idle toward upstream: {format_seconds(info.proxy_idle_s)})")
             print(f"upstream  {info.upstream}  {info.upstream_url}  "
                   f"({info.upstream_idle_option}: {format_seconds(info.upstream_idle_s)})")
+            print(f"host      the proxy sends the upstream Host: {info.upstream_host}")
+            print(f"try       curl -X {parse_method_mix(args.methods)[0]} {info.proxy_url}{path}")
             print(f"config    {info.proxy_config}")
             print(f"log       {info.proxy_error_log}")
+            print(checked.text)
+            for advice in checked.advice:
+                print(f"warning   {advice}")
+            if checked.advice:
+                print("warning   `tuner experiment` refuses to run with this request: it "
+                      "could measure nothing")
             if info.proxy_idle_s >= info.upstream_idle_s:
                 print("warning   the proxy keeps idle connections at least as long as the "
                       "upstream's setting: expect intermittent 502s under bursty load")
@@ -142,7 +159,8 @@ def _experiment_spec(args: argparse.Namespace) -> ExperimentSpec:
     flags = {"proxy": args.proxy, "upstream": args.upstream, "proxy_idle": args.proxy_idle,
              "upstream_idle": args.upstream_idle, "repeats": args.repeats,
              "max_seconds": args.max_seconds, "max_requests": args.max_requests,
-             "gaps": args.gaps, "methods": args.methods, "burst_size": args.burst_size,
+             "gaps": args.gaps, "methods": args.methods, "path": args.path,
+             "host": args.host, "burst_size": args.burst_size,
              "workers": args.workers, "seed": args.seed, "db": args.db,
              "control": args.control, "sweep": args.sweep,
              "parallel": args.parallel}
