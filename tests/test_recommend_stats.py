@@ -135,7 +135,9 @@ def test_other_causes_are_not_a_timeout_recommendation() -> None:
                        invalid_reason="a lab process died during the trial")]
     rec = recommend(records, upstream_idle_setting_s=1.0)
     assert rec.status == "ok" and not rec.unsafe
-    assert any("invalid trial" in cause for cause in rec.other_causes)
+    assert [(t["proxy_idle_s"], t["reason"]) for t in rec.left_out] == [
+        (3.0, "invalid: a lab process died during the trial")]
+    assert not any("invalid" in cause for cause in rec.other_causes)
     assert any("10 failures that do not follow the timeouts" in c for c in rec.other_causes)
 
 

@@ -19,8 +19,10 @@ above the recommended one (a margin at or below it) that saw no race failure bou
 rate at the recommended one; their reused requests are pooled into "0 failures in n; 95 %
 upper bound r". Without such trials the data cannot support a
 recommendation, and the result says how many more requests would (n >= ln(20) / r_target).
-Failures that do not follow the margin (504s, timeouts, refused connections, invalid trials)
-are reported as another cause, never turned into a timeout.
+Failures that do not follow the margin (504s, timeouts, refused connections) are reported
+as another cause, never turned into a timeout. Trials the recommendation cannot rest on at
+all (invalid ones, such as a load the upstream did not serve; no measured close; no reused
+request) are left out, and `left_out` says which and why.
 """
 
 from __future__ import annotations
@@ -185,6 +187,9 @@ class Recommendation:
     control: str | None = None
     #: races the proxy saw and hid from the client with retries, over these trials
     n_hidden_races: int = 0
+    #: the trials of this setting the recommendation does not rest on, each with its cell,
+    #: proxy idle, repeat and the reason (tuner.analysis.recommend.left_out)
+    left_out: list[dict[str, Any]] = field(default_factory=list)
 
 
 #: beyond this lifetime-to-setting ratio the proxy's knob is too coarse to aim with
@@ -240,6 +245,26 @@ def lifetime_ratio(trials: Iterable[Trial]) -> float:
     return max([1.0, *ratios])
 
 
+def left_out(trials: Iterable[Trial]) -> list[dict[str, Any]]:
+    """The trials no part of a recommendation uses (neither the fit nor the evidence), and
+    why: invalid (its reason: the lab failed, or the upstream did not serve the load), no
+    measured close, or no reused request (pure)."""
+    out = []
+    for t in trials:
+        if not t.is_valid:
+            reason = f"invalid: {t.invalid_reason or 'no result'}"
+        elif t.upstream_close_s is None:
+            reason = "the upstream's close was not measured: no margin to place it at"
+        elif t.n_reused == 0:
+            reason = "no reused request: nothing followed an idle gap"
+        else:
+            continue
+        out.append({"cell": t.cell, "proxy_idle_s": t.proxy_idle_s,
+                    "upstream_idle_s": t.upstream_idle_s, "repeat": t.repeat,
+                    "control": t.control, "verdict": t.verdict, "reason": reason})
+    return out
+
+
 def recommend(trials: Iterable[Trial], *, upstream_idle_setting_s: float,
               margin_s: float | None = None, configured_proxy_idle_s: float | None = None,
               whole_seconds: bool = False, target_rate: float = DEFAULT_TARGET_RATE,
@@ -253,9 +278,8 @@ def recommend(trials: Iterable[Trial], *, upstream_idle_setting_s: float,
     close_s = min(closes) if closes else None
     margin = default_margin_s(close_s or 0.0) if margin_s is None else margin_s
     protect_s = configured_proxy_idle_s or max((t.proxy_idle_s for t in here), default=60.0)
-    other = [f"proxy idle {t.proxy_idle_s:g}s: invalid trial ({t.invalid_reason})"
-             for t in here if not t.is_valid]
-    other += [f"proxy idle {t.proxy_idle_s:g}s: {t.n_other_failures} failures that do not "
+    skipped = left_out(here)
+    other = [f"proxy idle {t.proxy_idle_s:g}s: {t.n_other_failures} failures that do not "
               "follow the timeouts (504, timeouts, refused connections)"
               for t in valid if t.n_other_failures]
     unsafe: list[dict[str, Any]] = []
@@ -280,9 +304,10 @@ def recommend(trials: Iterable[Trial], *, upstream_idle_setting_s: float,
         return Recommendation("insufficient", upstream_idle_setting_s, None, margin, None,
                               protect_s, None, None, None, unsafe, other,
                               "no valid trial measured the upstream's close time; run an "
-                              "experiment whose trials are not invalid", model,
-                              control=control_text, n_hidden_races=n_hidden,
-                              proxy_lifetime_ratio=ratio)
+                              "experiment whose trials are not invalid"
+                              + (f" ({len(skipped)} left out: see left_out)" if skipped else ""),
+                              model, control=control_text, n_hidden_races=n_hidden,
+                              proxy_lifetime_ratio=ratio, left_out=skipped)
     # the margin bounds the proxy's real idle lifetime; its setting is that over the ratio
     lifetime_s = largest_safe_proxy_idle_s(close_s, margin)
     proxy_s = (math.floor(round(lifetime_s / ratio * 10, 6)) / 10 or None
@@ -327,4 +352,4 @@ def recommend(trials: Iterable[Trial], *, upstream_idle_setting_s: float,
     return Recommendation(status, upstream_idle_setting_s, close_s, margin, proxy_s, protect_s,
                           upstream_s, offset_s, evidence, unsafe, other, more_load, model,
                           per_gap(valid), proxy_lifetime_ratio=ratio, bound_note=bound_note,
-                          control=control_text, n_hidden_races=n_hidden)
+                          control=control_text, n_hidden_races=n_hidden, left_out=skipped)

@@ -119,6 +119,10 @@ def render_answer(findings: Findings) -> list[str]:
     if rec.bound_note:
         lines.append(f"note: {rec.bound_note}")
     lines.append(f"control: {findings.control.text}")
+    n_left_out = sum(len(r.left_out) for r in findings.recommendations)
+    if n_left_out:
+        lines.append(f"left out: {n_left_out} of {len(findings.trials)} trials, which no "
+                     "recommendation rests on (each with its reason below)")
     return lines
 
 
@@ -170,6 +174,9 @@ def render_findings(findings: Findings) -> str:
                 if hits else "none"))
         for cause in rec.other_causes:
             lines.append(f"  other cause       {cause}")
+        for trial in rec.left_out:
+            lines.append(f"  left out          proxy idle {format_seconds(trial['proxy_idle_s'])}"
+                         f" (repeat {trial['repeat'] + 1}): {trial['reason']}")
         if rec.status != "ok":
             lines.append(f"  {rec.status.upper():<17} {rec.more_load}")
     lines.append("\nmasks, not fixes:")
