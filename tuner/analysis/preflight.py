@@ -112,8 +112,12 @@ def judge_preflight(checks: Sequence[MethodCheck], *, path: str, host: str,
                   f"{check.direct.describe()}",
                   f"  {check.method} through {proxy} {proxy_url}: {_status(check.proxied)}"]
     request = f"{'/'.join(c.method for c in checks)} {path} with Host: {host}"
-    advice = tuple(problem for check in checks
-                   if (problem := _problem(check, path=path, host=host, proxy=proxy)))
+    by_problem: dict[str, list[str]] = {}  # methods that failed alike share one line
+    for check in checks:
+        problem = _problem(check, path=path, host=host, proxy=proxy)
+        if problem:
+            by_problem.setdefault(problem, []).append(check.method)
+    advice = tuple(f"{', '.join(methods)}: {problem}" for problem, methods in by_problem.items())
     if advice:
         return PreflightResult(tuple(lines), advice, request)
     served = sorted({c.direct.status for c in checks if c.direct.status is not None} |
@@ -138,25 +142,24 @@ def _problem(check: MethodCheck, *, path: str, host: str, proxy: str) -> str:
     """What is wrong with one method's answers, and what to do; "" if nothing."""
     method, direct, proxied = check.method, check.direct, check.proxied
     if direct.status is None:
-        return (f"{method}: the upstream gave no HTTP answer ({direct.error}): check that it "
+        return (f"the upstream gave no HTTP answer ({direct.error}): check that it "
                 "speaks HTTP/1.1 on its port, and its log")
     if not direct.is_served:
-        return f"{method}: " + _refusal_advice(direct.status, method=method, path=path,
-                                               host=host)
+        return _refusal_advice(direct.status, method=method, path=path, host=host)
     if direct.closed_by is not None:
         how = ("after a 2xx: its keep-alive is off; turn HTTP keep-alive on in the server "
                "(the experiment sets its idle timeout)" if 200 <= direct.status < 300 else
                f"after a {direct.status}: some servers close after an error status; give a "
                "--path (and --methods) it answers with 2xx, such as --path /healthz "
                "--methods GET")
-        return (f"{method}: the upstream answered {direct.status} and closed the connection "
+        return (f"the upstream answered {direct.status} and closed the connection "
                 f"({direct.closed_by}): no idle connection is left for the proxy to reuse, so "
                 f"there is no race to find. It closes {how}")
     if proxied.status is None:
-        return (f"{method}: {proxy} gave no HTTP answer ({proxied.error}) although the "
+        return (f"{proxy} gave no HTTP answer ({proxied.error}) although the "
                 f"upstream answered {direct.status} straight: see {proxy}'s log")
     if not proxied.is_served:
-        return (f"{method}: through {proxy} the answer was {proxied.status} although the "
+        return (f"through {proxy} the answer was {proxied.status} although the "
                 f"upstream answered {direct.status} straight with the same Host: the "
                 f"request {proxy} sends differs from the direct one; see {proxy}'s log")
     return ""
