@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
+from tuner.analysis.closes import SWEEP_WAIT_S
 from tuner.kube.client import connect
 from tuner.lab.process import ManagedProcess, is_listening, pick_free_port
-from tuner.scan.audit import SWEEP_WAIT_S
 
 from .netns import PodNetwork, can_create, pod_network
 from .real_cluster import MANIFESTS, KubeNamespace, NodeAgent, RealCluster, kube_namespace

@@ -12,6 +12,9 @@ that names it, never silently clamped. The caps and why:
                      max_idle (plus one to check reuse): 11 at most, against an app that also
                      serves nginx's pool (128 in the demo). The runner asks for 3, `tuner
                      probe` defaults to 5; more samples add nothing on the loopback in a pod.
+                     Besides them the probe answers up to 150 staggered connections (one
+                     request each, until the first close) to tell a timer from a sweep
+                     (tuner.probe.MAX_STAGGERED): that, not `samples`, bounds its connections.
   max_idle <= 1h     how long the probe waits for the app to close; the runner asks for
                      3 x the app's setting + 5 s, and the longest setting it meets is a GCP
                      backend's (> 600 s, probed for ~31 min). It bounds time, not connections.

@@ -32,6 +32,11 @@ SAME_INSTANT_S = 0.02
 #: far apart: a per-connection timer cannot close them together, unless its event loop
 #: stalled this long (a busy Node can group closes tens of ms apart, not 100 ms).
 SWEEP_EVIDENCE_S = 0.1
+#: the longest sweep period a wait is sized for: a sweeping server closes a connection at
+#: any age up to its setting plus the period, so a connection still open at some age is
+#: safe only if no sweep was due (gunicorn's is 1 s, Tomcat's NIO poller's 1 s; the
+#: slowest tried here swept every 10 s)
+SWEEP_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.analysis.budget import Budget, LoadShape, default_budget, least_budget_s
+from tuner.analysis.closes import SWEEP_WAIT_S
 from tuner.analysis.judge import Control, judge_trial, n_in_window, p95
 from tuner.analysis.signatures import n_races
 from tuner.durations import format_seconds
@@ -254,8 +255,10 @@ def shape_of(spec: ExperimentSpec, gaps_s: list[float], close_s: float | None) -
 
 def probe_max_idle_s(upstream_idle_s: float) -> float:
     """How long the probe waits for a close: Node closes a second after its setting, and
-    some servers sweep late; beyond this the upstream is taken to never close."""
-    return max(10.0, 3 * upstream_idle_s + 5)
+    a sweeping server up to a period later, and the probe waits one more period to see it
+    (SWEEP_WAIT_S each); beyond this the upstream is taken to never close. Only a server
+    that never closes waits it out."""
+    return max(10.0, 3 * upstream_idle_s + 5) + 2 * SWEEP_WAIT_S
 
 
 def trial_budget(spec: ExperimentSpec, gaps_s: list[float], close_s: float | None

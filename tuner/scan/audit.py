@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from tuner.analysis.closes import SWEEP_WAIT_S
 from tuner.analysis.verdict import judge, smallest_safe_upstream_close_s
 from tuner.durations import format_seconds, plain_seconds
 from tuner.scan import dataplanes as dp
@@ -23,11 +24,6 @@ from tuner.scan.outcome import MEASURED, ProbeOutcome
 
 #: app protocols the HTTP/1.1 probe cannot speak (Service port appProtocol, ingress-nginx
 #: backend-protocol): listed, not probed
-#: how much longer than "long enough to call it safe" a pod is watched: a server that closes
-#: by a periodic sweep closes a connection at any age up to its setting plus the period, so
-#: a pod open at the limit is safe only if no sweep was due; sweeps of up to this period
-#: are seen (gunicorn's is 1 s; the slowest seen here swept every 10 s)
-SWEEP_WAIT_S = 10.0
 HTTP2_PROTOCOLS = {"kubernetes.io/h2c", "h2c", "grpc", "grpcs", "http2"}
 BACKEND_PROTOCOL = "nginx.ingress.kubernetes.io/backend-protocol"
 UPSTREAM_VHOST = "nginx.ingress.kubernetes.io/upstream-vhost"
