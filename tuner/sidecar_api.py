@@ -16,7 +16,7 @@ that names it, never silently clamped. The caps and why:
                      request each, until the first close) to tell a timer from a sweep
                      (tuner.probe.MAX_STAGGERED): that, not `samples`, bounds its connections.
   max_idle <= 1h     how long the probe waits for the app to close; the runner asks for
-                     3 x the app's setting + 5 s, and the longest setting it meets is a GCP
+                     3 x the app's setting + 25 s, and the longest setting it meets is a GCP
                      backend's (> 600 s, probed for ~31 min). It bounds time, not connections.
   one probe at once  a second gets 429 with Retry-After (the first one's time left).
   a total deadline   max_idle + 30 s for the whole probe, however slowly the app answers.

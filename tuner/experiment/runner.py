@@ -234,7 +234,7 @@ def _proxy_lifetimes(spec: ExperimentSpec, keys: list[TrialKey], *,
 def _stop_on(cancel: threading.Event | None) -> Callable[[float, int], None] | None:
     """A probe's progress callback (called about once a second while it waits for the
     closes) that ends the probe when the run is interrupted: a probe in a --parallel cell's
-    thread would otherwise hold Ctrl-C up to 3 x the setting + 5 s."""
+    thread would otherwise hold Ctrl-C up to 3 x the setting + 25 s."""
     if cancel is None:
         return None
 
