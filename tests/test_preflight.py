@@ -263,9 +263,7 @@ def test_an_experiment_the_upstream_does_not_serve_is_refused_before_any_trial(
                                     "request"), result.stderr
     assert message in result.stderr and "nothing was run" in result.stderr
     assert "--resume" not in result.stderr  # nothing to resume: the input must change
-    with ResultsStore(db, create=False) as store:
-        experiment = store.experiment()
-        assert experiment is not None and store.trials(experiment["id"]) == []
+    assert not db.exists()  # refused before the store was created: nothing left behind
 
 
 @pytest.mark.race
@@ -394,3 +392,16 @@ def test_tomcat_with_the_default_host_is_served_and_judged(tmp_path: Path, proxy
     assert trial["verdict"] == "unsafe", trial
     assert trial["statuses"].get("200", 0) >= 0.8 * trial["n_requests"], trial
     assert "400" not in trial["statuses"], trial
+
+
+def test_host_is_refused_for_a_cluster_target(tmp_path: Path) -> None:
+    """`host` reaches only the lab's proxies: a cluster run that names one says so, before
+    the cluster is touched (the kubeconfig is never read)."""
+    from tuner.experiment.cluster_runner import run_cluster_experiment
+
+    section = {"namespace": "n", "service_url": "http://x/", "deployment": "d"}
+    with pytest.raises(ConfigError, match=r"host: 'shop.example' .* drop host for --target "
+                                          "kubernetes"):
+        run_cluster_experiment(parse_spec({"host": "shop.example", "kubernetes": section}),
+                               kubeconfig=str(tmp_path / "none"), context=None,
+                               say=lambda _line: None)

@@ -146,6 +146,10 @@ def run_cluster_experiment(spec: ExperimentSpec, *, kubeconfig: str | None,
         raise ConfigError(f"proxy: {spec.proxy!r}: in a cluster the tuner sidecar drives the "
                           "proxy, and it drives nginx and Envoy only; run HAProxy experiments "
                           "on the local lab")
+    if spec.host is not None:
+        raise ConfigError(f"host: {spec.host!r} sets the Host the lab's proxy sends the "
+                          "upstream; in a cluster the proxy beside the app sends its own "
+                          "(its configuration's): drop host for --target kubernetes")
     target = cluster_target(spec.kubernetes, upstream_idle_s=spec.upstream_idle_s,
                             proxy_idle_s=spec.proxy_idle_s)
     if target.workers and spec.workers:

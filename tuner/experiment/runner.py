@@ -141,7 +141,10 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
     """
     db = Path(spec.db)
     if not resume:
-        check_grid(spec)  # before the store file is even created
+        # before the store file is even created: a refused run leaves nothing behind
+        check_grid(spec)
+        preflight_experiment(spec, upstream_idle_s=trial_order(spec)[0].upstream_idle_s,
+                             say=say)
     with ResultsStore(db) as store:
         stored = store.experiment() if resume else None
         if resume and stored is None:
@@ -163,8 +166,9 @@ def run_experiment(spec: ExperimentSpec, *, resume: bool,
         if plan.todo:
             probed: dict[float, ProbeResult] = {}
             first = plan.todo[0]
-            # refuses (exit 2) an upstream that does not serve the request: before any trial
-            preflight_experiment(spec, upstream_idle_s=first.upstream_idle_s, say=say)
+            if stored is not None:  # a fresh run's went before the store was created
+                # refuses (exit 2) an upstream that does not serve the request
+                preflight_experiment(spec, upstream_idle_s=first.upstream_idle_s, say=say)
             n_labs = max(1, min(spec.parallel, len(plan.todo)))
             cancel = threading.Event()
             with contextlib.ExitStack() as labs:
@@ -264,7 +268,9 @@ def run_trial(lab: Lab, spec: ExperimentSpec, key: TrialKey, *,
     measured = (probed or {}).get(key.upstream_idle_s)
     if measured is None:
         try:
-            measured = probe(parse_target(f"{lab.upstream.url}/"), n_samples=PROBE_SAMPLES,
+            # the load's own path and Host: an app may answer only there
+            measured = probe(parse_target(f"{lab.upstream.url}{spec.path}",
+                                          host_header=spec.host), n_samples=PROBE_SAMPLES,
                              max_idle_s=max_idle_s, on_progress=_stop_on(cancel))
         except ProbeError as exc:
             raise InvalidTrial(f"probing the upstream failed: {exc}") from exc
