@@ -9,7 +9,12 @@ so their absence must fail the run, never skip it.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from tuner.lab.process import LOOPBACK, ManagedProcess, http_get, pick_free_port
+from tuner.lab.upstreams import command_upstream
 
 BUILD = Path(__file__).resolve().parent.parent / "scripts" / "foreign" / "build"
 #: a cold build downloads Tomcat from Maven Central; a warm one prints at once
@@ -51,3 +56,21 @@ def tomcat_cmd() -> str:
 def go_cmd() -> str:
     """`--upstream-cmd` template for Go net/http (http.Server.IdleTimeout={idle_ms}ms)."""
     return _build()["go"]
+
+
+@contextmanager
+def serving(template: str, *, name: str, log_dir: Path, idle_s: float) -> Iterator[int]:
+    """Run the server of an `--upstream-cmd` `template` (idle timeout `idle_s`) on a free
+    port, ready; its port. Always stopped; a server that died meanwhile fails the test."""
+    port = pick_free_port()
+    server = ManagedProcess(command_upstream(template).argv(port=port, idle_s=idle_s),
+                            name=name, log_dir=log_dir)
+    server.start()
+    try:
+        # Any HTTP answer means ready (Tomcat binds its port before it serves).
+        server.wait_ready(lambda: http_get(port, "/healthz") is not None, timeout_s=60,
+                          what=f"answer HTTP on {LOOPBACK}:{port}")
+        yield port
+        assert server.exit_status() is None, server.describe_exit()
+    finally:
+        server.stop()

@@ -8,43 +8,29 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tuner.lab.process import LOOPBACK, ManagedProcess, http_get, pick_free_port
-from tuner.lab.upstreams import command_upstream
+from tuner.lab.process import LOOPBACK
 from tuner.probe import ProbeResult, parse_target, probe
 
-from .foreign import BUILD, go_cmd, tomcat_cmd
+from .foreign import BUILD, go_cmd, serving, tomcat_cmd
 
 IDLE_S = 2.0
 
 
-def _serve(template: str, name: str, log_dir: Path) -> Iterator[int]:
-    """Run the server of `template` (idle timeout IDLE_S) on a free port; always stop it."""
-    port = pick_free_port()
-    server = ManagedProcess(command_upstream(template).argv(port=port, idle_s=IDLE_S),
-                            name=name, log_dir=log_dir)
-    server.start()
-    try:
-        # Any HTTP answer means ready (Tomcat binds its port before it serves).
-        server.wait_ready(lambda: http_get(port, "/healthz") is not None, timeout_s=60,
-                          what=f"answer HTTP on {LOOPBACK}:{port}")
-        yield port
-        assert server.exit_status() is None, server.describe_exit()
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def tomcat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    yield from _serve(tomcat_cmd(), "tomcat", tmp_path_factory.mktemp("tomcat"))
+    with serving(tomcat_cmd(), name="tomcat", log_dir=tmp_path_factory.mktemp("tomcat"),
+                 idle_s=IDLE_S) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def go_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    yield from _serve(go_cmd(), "go", tmp_path_factory.mktemp("go"))
+    with serving(go_cmd(), name="go", log_dir=tmp_path_factory.mktemp("go"),
+                 idle_s=IDLE_S) as port:
+        yield port
 
 
 def _probe(port: int) -> ProbeResult:

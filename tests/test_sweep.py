@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 
 from tuner.analysis.closes import Observed, infer_close_rule
 from tuner.analysis.verdict import judge, largest_safe_proxy_idle_s
-from tuner.lab.process import ManagedProcess, is_listening, pick_free_port
 from tuner.probe import STAGGER_GROWTH_RATE, STAGGER_MIN_SPACING_S, parse_target, probe
 from tuner.scan import audit
 from tuner.scan.dataplanes import IdleSetting
 from tuner.scan.discovery import pod_targets
 from tuner.scan.probing import ProbeJob, probe_one
 
+from .foreign import serving
 from .ground_truth import n_dropped
 from .test_scan import backend, ingress, route_of
 
@@ -41,16 +41,9 @@ def sweep_command(sweep_ms: int = SWEEP_MS) -> str:
 @pytest.fixture(scope="module")
 def sweeping(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """The sweeping server on an OS-chosen port, ready; its port."""
-    port = pick_free_port()
-    server = ManagedProcess([sys.executable, str(SWEEP_SERVER), str(port), str(IDLE_MS),
-                             str(SWEEP_MS)], name="sweep-server",
-                            log_dir=tmp_path_factory.mktemp("sweep"))
-    server.start()
-    try:
-        server.wait_ready(lambda: is_listening(port), timeout_s=10, what="listen")
+    with serving(sweep_command(), name="sweep-server", idle_s=IDLE_MS / 1000,
+                 log_dir=tmp_path_factory.mktemp("sweep")) as port:
         yield port
-    finally:
-        server.stop()
 
 
 # -- the rule from closes (pure) ------------------------------------------------------------
