@@ -250,3 +250,19 @@ def signal_and_wait(process: subprocess.Popen[str], signum: int, *,
             process.kill()
             process.communicate()
         raise
+
+
+def lab_up_text(args: Sequence[str]) -> str:
+    """`tuner lab up ARGS`'s human output up to its "Up." line, then Ctrl-C (and wait)."""
+    process = subprocess.Popen([*TUNER, "lab", "up", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        while not lines or not lines[-1].startswith("Up."):
+            line = process.stdout.readline()
+            assert line, f"output ended early: {lines}"
+            lines.append(line.strip())
+    finally:
+        signal_and_wait(process, signal.SIGINT)
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import alive, descendants, signal_and_wait, wait_for
+from .conftest import alive, descendants, lab_up_text, signal_and_wait, wait_for
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
 
@@ -48,19 +48,8 @@ def test_lab_up_serves_then_stops_everything_on_a_signal(signum: int) -> None:
 
 
 def test_lab_up_human_output_warns_about_a_mismatch() -> None:
-    process = subprocess.Popen([*TUNER, "lab", "up", "--proxy", "haproxy", "--upstream",
-                                "uvicorn", "--proxy-idle", "10s", "--upstream-idle", "5s"],
-                               stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    lines = []
-    try:
-        while not lines or not lines[-1].startswith("Up."):
-            line = process.stdout.readline()
-            assert line, f"output ended early: {lines}"
-            lines.append(line.strip())
-    finally:
-        signal_and_wait(process, signal.SIGINT)
-    text = "\n".join(lines)
+    text = lab_up_text(["--proxy", "haproxy", "--upstream", "uvicorn", "--proxy-idle", "10s",
+                        "--upstream-idle", "5s"])
     assert "proxy     haproxy 2." in text
     assert "--timeout-keep-alive (whole seconds): 5s" in text
     assert "warning" in text

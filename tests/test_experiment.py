@@ -250,8 +250,12 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
                                "1s", "--db", str(db)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     assert runner.stdout is not None
-    line = runner.stdout.readline()  # "experiment <id>: 1 trials, ..." once the lab is up
-    assert line.startswith("experiment "), line
+    # the preflight's lines, then "experiment <id>: 1 trials, ..." once the store is made
+    lines = [runner.stdout.readline()]
+    while lines[-1] and not lines[-1].startswith("experiment ") and len(lines) < 10:
+        lines.append(runner.stdout.readline())
+    assert lines[0].startswith("preflight: POST / with Host: 127.0.0.1:"), lines
+    assert lines[-1].startswith("experiment "), lines
     # into a trial: the load runs (Locust is among the runner's processes)
     wait_for(lambda: any("locust" in _cmdline(pid) for pid in descendants(runner.pid)),
              timeout_s=60, what="Locust process under the runner")

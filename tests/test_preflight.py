@@ -28,7 +28,7 @@ from tuner.lab.process import ManagedProcess, http_get, pick_free_port
 from tuner.load.request import parse_host, parse_path
 from tuner.store import ResultsStore, StoredTrial
 
-from .conftest import signal_and_wait
+from .conftest import lab_up_text, signal_and_wait
 from .foreign import tomcat_cmd
 
 TUNER = [sys.executable, "-m", "tuner.cli"]
@@ -227,18 +227,8 @@ def test_lab_up_host_and_path(proxy: str, no_leftover_children: None) -> None:
 
 
 def test_lab_up_warns_about_a_request_the_upstream_refuses(no_leftover_children: None) -> None:
-    up = subprocess.Popen([*TUNER, "lab", "up", "--upstream-cmd", strict_cmd("strict-host"),
-                           "--upstream-idle", "2s", "--host", "tuner_upstream"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert up.stdout is not None
-        lines = []
-        while not lines or not lines[-1].startswith("Up."):
-            lines.append(up.stdout.readline())
-            assert lines[-1], "".join(lines)
-    finally:
-        signal_and_wait(up, signal.SIGINT)
-    text = "".join(lines)
+    text = lab_up_text(["--upstream-cmd", strict_cmd("strict-host"), "--upstream-idle", "2s",
+                        "--host", "tuner_upstream"])
     assert "host      the proxy sends the upstream Host: tuner_upstream" in text
     assert "warning   POST: the upstream refused the request itself (400)" in text
     assert "`tuner experiment` refuses to run with this request" in text
@@ -281,7 +271,9 @@ def test_404s_on_kept_connections_are_served_and_show_the_race(
     assert "served: 404 on kept connections" in result.stderr
     [trial] = json.loads(result.stdout)["trials"]
     assert trial["verdict"] == "unsafe" and trial["n_race"] >= 1, trial
-    assert trial["outcomes"]["served"] >= 0.8 * trial["n_requests"], trial
+    # every answer a served 404 or the race (Envoy's race rate here is 10-20 %, nginx's ~5 %)
+    assert trial["outcomes"]["served"] + trial["n_race_failures"] == trial["n_requests"], trial
+    assert trial["outcomes"]["served"] >= 0.6 * trial["n_requests"], trial
     assert trial["statuses"]["404"] == trial["outcomes"]["served"], trial
     assert trial["n_failed"] == trial["n_race_failures"], trial  # the 404s are no failures
 

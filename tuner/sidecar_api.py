@@ -12,9 +12,11 @@ that names it, never silently clamped. The caps and why:
                      max_idle (plus one to check reuse): 11 at most, against an app that also
                      serves nginx's pool (128 in the demo). The runner asks for 3, `tuner
                      probe` defaults to 5; more samples add nothing on the loopback in a pod.
-                     Besides them the probe answers up to 150 staggered connections (one
-                     request each, until the first close) to tell a timer from a sweep
-                     (tuner.probe.MAX_STAGGERED): that, not `samples`, bounds its connections.
+                     Besides them the probe answers up to `MAX_PROBE_STAGGERED` (60)
+                     staggered connections, one request each, until the first close, to tell
+                     a timer from a sweep: enough to read a sweep of up to 7 s at any phase
+                     (tuner.probe's schedule), fewer than the 150 of `tuner probe`. An app
+                     thus sees at most 10 + 1 + 60 probe connections.
   max_idle <= 1h     how long the probe waits for the app to close; the runner asks for
                      3 x the app's setting + 25 s, and the longest setting it meets is a GCP
                      backend's (> 600 s, probed for ~31 min). It bounds time, not connections.
@@ -45,6 +47,8 @@ from tuner.sidecar_auth import CHALLENGE, CallerCheck
 MAX_PROBE_SAMPLES = 10
 MAX_PROBE_IDLE_S = 3600.0  # 1h, as the messages say
 DEFAULT_PROBE_SAMPLES = 3
+#: staggered connections of one probe (see the module doc)
+MAX_PROBE_STAGGERED = 60
 DEFAULT_PROBE_IDLE_S = 60.0
 #: beyond max_idle, what the probe's connects, first answers and reuse check may take
 PROBE_SLACK_S = 30.0
@@ -232,7 +236,7 @@ class SidecarAPI:
         assert self.app_url is not None
         try:
             result = probe(parse_target(self.app_url), n_samples=samples, max_idle_s=max_idle_s,
-                         deadline_s=deadline_s)
+                           deadline_s=deadline_s, max_staggered=MAX_PROBE_STAGGERED)
         except ProbeError as exc:  # the app beside us, not the request: a gateway's 502
             return _json(502, {"error": str(exc)})
         except TunerError as exc:

@@ -48,7 +48,9 @@ def smallest_safe_upstream_close_s(proxy_idle_s: float, margin_s: float | None =
                        proxy_idle_s / (1 - DEFAULT_MARGIN_RATE))
     else:
         needed_s = proxy_idle_s + margin_s
-    return float(math.ceil(round(needed_s, 6)))
+    # less binary noise (66.66...67 must not round up past 67); rounding to 6 digits
+    # instead dropped a margin of 6e-8 s, and the inverse then judged unsafe
+    return float(math.ceil(needed_s - _EPSILON_S))
 
 
 @dataclass(frozen=True)
