@@ -235,3 +235,45 @@ def test_cli_https_against_a_plain_http_server() -> None:
         result = _cli(lab.upstream.url.replace("http://", "https://") + "/")
     assert result.returncode == 5
     assert "TLS handshake" in result.stderr
+
+
+def test_staggering_stops_where_the_server_stops_keeping_connections() -> None:
+    """A server that keeps only its first 4 connections alive (1 s idle timer each) and
+    closes every later one after its answer: the probe's staggered connections stop at the
+    first such answer, whose close is no idle close (it would read as one at age 0)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    accepted = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 1.0  # the socket's idle timeout: a timer per connection
+
+        def setup(self) -> None:
+            super().setup()
+            accepted.append(self)
+
+        def do_GET(self) -> None:
+            keep = accepted.index(self) < 4
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            if not keep:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = probe(parse_target(f"http://127.0.0.1:{server.server_address[1]}/"),
+                       n_samples=3, max_idle_s=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.n_staggered == 0, result.rule
+    assert result.earliest_close_s is not None and 0.95 <= result.earliest_close_s <= 1.3
+    assert not result.closes_by_sweep

@@ -404,9 +404,10 @@ class _Stagger:
         self.options = {"connect_timeout_s": connect_timeout_s,
                         "answer_timeout_s": answer_timeout_s}
         self.conns: list[_Conn] = []
+        #: the staggered connections not closed yet
+        self.watched: set[_Conn] = set()
         self.origin = 0.0
         self.next_at = math.inf
-        self.open = 0
 
     def start(self, origin: float) -> None:
         self.origin = origin
@@ -418,12 +419,25 @@ class _Stagger:
     def open_one(self, selector: selectors.BaseSelector) -> None:
         """Answer one more connection now and watch it; the blocking round trip takes about
         a millisecond on loopback (closes seen meanwhile are stamped when it returns)."""
-        conn = _Conn(self.target, until=self.until, **self.options)
+        try:
+            conn = _Conn(self.target, until=self.until, **self.options)
+        except ProbeError:  # a server at its connection limit: the samples still count
+            self.stop()
+            return
+        try:
+            conn.exchange()
+        except ProbeError:
+            conn.close()
+            self.stop()
+            return
+        if not conn.kept_alive:  # its close would read as an idle close at age 0
+            conn.close()
+            self.stop()
+            return
         self.conns.append(conn)
-        conn.exchange()
+        self.watched.add(conn)
         conn.sock.setblocking(False)
         selector.register(conn.sock, selectors.EVENT_READ, conn)
-        self.open += 1
         now = time.monotonic()
         if len(self.conns) >= self.max_conns:
             self.stop()
@@ -459,7 +473,7 @@ def _watch(conns: list[_Conn], checker: _Conn, stagger: _Stagger, *, max_idle_s:
             now = time.monotonic()
             # a timer server's second close instant comes a moment after the first (the
             # next staggered connection); a sweeping server's, one sweep period later
-            rule_seen = now >= rule_seen_at or stagger.open == 0
+            rule_seen = now >= rule_seen_at or not stagger.watched
             samples_done = (n_open == 0 and rule_seen) or now >= deadline
             if samples_done and check.is_done(now):
                 break
@@ -478,8 +492,8 @@ def _watch(conns: list[_Conn], checker: _Conn, stagger: _Stagger, *, max_idle_s:
                 elif watched.poll_closed():
                     selector.unregister(watched.sock)
                     assert watched.closed_at is not None
-                    if watched in stagger.conns:
-                        stagger.open -= 1
+                    if watched in stagger.watched:
+                        stagger.watched.discard(watched)
                     else:
                         n_open -= 1
                     if first_close_at is None:
