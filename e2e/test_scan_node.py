@@ -137,10 +137,9 @@ def test_scan_finds_and_judges_the_demo_and_a_second_app_on_a_real_node(
     # Node 20 adds a 1 s buffer (2.0 s). Either is exposed behind 2 s: the probe measures
     assert short["verdict"] == "unsafe" and 0.8 <= short["upstream_close_s"] <= 2.6, short
     # the scan watches 3 s (enough to call a pod still open safe behind 2 s) plus time for a
-    # sweep that is due, so it sees the demo app's 5 s close (Node 18; 6 s with Node 20)
-    assert demo_app["verdict"] == "safe" and not demo_app["closes_by_sweep"], demo_app
-    assert 4.8 <= demo_app["upstream_close_s"] <= 6.5, demo_app
+    # sweep that is due: the demo app kept its connections open all that time
+    assert demo_app["verdict"] == "safe" and demo_app["upstream_close_s"] is None, demo_app
     assert demo_app["n_same_owner"] == 2  # the demo's two pods, one ReplicaSet
     assert document["limit_s"] == 3 + SWEEP_WAIT_S
-    assert document["elapsed_s"] < demo_app["upstream_close_s"] + 5, document["elapsed_s"]
+    assert document["elapsed_s"] < 3 + SWEEP_WAIT_S + 5, document["elapsed_s"]
     assert table.returncode == 0 and "EXPOSED" in table.stdout
