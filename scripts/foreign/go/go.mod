@@ -1,3 +1,3 @@
 module tuner/foreign/go
 
-go 1.24
+go 1.19
