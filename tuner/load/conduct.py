@@ -124,19 +124,16 @@ class BurstTally:
         if self.index <= self.reported or not self.answers_at:
             return None
         self.reported = self.index
-        report: dict[str, Any] = {
-            "index": self.index, "first_answer": min(self.answers_at),
-            "counts": {k: dict(v) for k, v in self.pending.items()},
-            "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()},
-            "statuses": dict(self.pending_statuses)}
+        report: dict[str, Any] = {"index": self.index, "first_answer": min(self.answers_at),
+                                  **self.flush()}
         if self.sent_at:
             report["groups"] = {str(g): [min(times), max(times)]
                                 for g, times in sorted(self.sent_at.items())}
-        self.pending, self.pending_idle_ms, self.pending_statuses = {}, Counter(), Counter()
         return report
 
     def flush(self) -> dict[str, Any]:
-        """What was not yet reported (at the end of the run), as a late report's fields."""
+        """What was not yet reported, as a report's fields, and nothing is pending after
+        (a burst's report takes it; at the end of the run, the late answers)."""
         late = {"counts": {k: dict(v) for k, v in self.pending.items()},
                 "idle_ms": {str(ms): n for ms, n in self.pending_idle_ms.items()},
                 "statuses": dict(self.pending_statuses)}
